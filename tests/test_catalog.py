@@ -1,0 +1,109 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from zoobot_hpc.catalog import CatalogError, load_splits, read_catalog, split_catalog
+from zoobot_hpc.schema import load_schema
+
+SCHEMA = load_schema("decals_rings")
+
+
+def test_relative_file_loc_is_resolved_against_the_catalog_folder(demo_copy):
+    df = read_catalog(demo_copy)
+    assert df["file_loc"].iloc[0].startswith(str(demo_copy.parent))
+    assert all(pd.Series(df["file_loc"]).map(lambda p: p.endswith(".jpg")))
+
+
+def test_parquet_and_csv_read_the_same(demo_copy):
+    parquet = demo_copy.with_suffix(".parquet")
+    pd.read_csv(demo_copy).to_parquet(parquet)
+    pd.testing.assert_frame_equal(read_catalog(demo_copy), read_catalog(parquet))
+
+
+def test_split_is_deterministic_and_complete(demo_frame):
+    a = split_catalog(demo_frame, (0.7, 0.1, 0.2), random_state=1)
+    b = split_catalog(demo_frame, (0.7, 0.1, 0.2), random_state=1)
+    c = split_catalog(demo_frame, (0.7, 0.1, 0.2), random_state=2)
+    for x, y in zip(a, b, strict=True):
+        pd.testing.assert_frame_equal(x, y)
+    assert not a[0]["id_str"].equals(c[0]["id_str"])
+    ids = np.concatenate([part["id_str"].to_numpy() for part in a])
+    assert sorted(ids) == sorted(demo_frame["id_str"]) and [len(p) for p in a] == [259, 37, 74]
+
+
+def test_configurable_fractions(demo_frame):
+    splits = load_splits(SCHEMA, catalog=demo_frame, split_fractions=(0.5, 0.25, 0.25))
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (185, 92, 93)
+
+
+def test_both_or_neither_is_an_error(demo_frame):
+    with pytest.raises(CatalogError, match="not both"):
+        load_splits(SCHEMA, catalog=demo_frame, train_catalog=demo_frame)
+    with pytest.raises(CatalogError, match="no catalog"):
+        load_splits(SCHEMA)
+    with pytest.raises(CatalogError, match="test_catalog missing"):
+        load_splits(SCHEMA, train_catalog=demo_frame, val_catalog=demo_frame)
+
+
+def test_overlapping_pre_split_catalogs_are_refused(demo_frame):
+    with pytest.raises(CatalogError, match="both the train and val"):
+        load_splits(
+            SCHEMA,
+            train_catalog=demo_frame[:50],
+            val_catalog=demo_frame[40:60],
+            test_catalog=demo_frame[60:80],
+        )
+
+
+def test_every_problem_is_reported_at_once(demo_copy):
+    df = pd.read_csv(demo_copy)
+    df = df.astype({c: float for c in SCHEMA.label_cols})
+    df.loc[3, "smooth-or-featured_smooth"] = np.nan
+    df.loc[4, "disk-edge-on_yes"] = -2
+    df.loc[5, "has-spiral-arms_no"] = 2.5
+    df["has-spiral-arms_yes"] = df["has-spiral-arms_yes"].astype(object)
+    df.loc[6, "has-spiral-arms_yes"] = "many"
+    df.loc[7, "id_str"] = df.loc[8, "id_str"]
+    df.loc[9, "file_loc"] = "images/not-there.jpg"
+    df["extra_unknown_column"] = 1  # ignored
+    bad = demo_copy.parent / "bad.csv"
+    df.to_csv(bad, index=False)
+    with pytest.raises(CatalogError) as info:
+        load_splits(SCHEMA, catalog=bad)
+    message = str(info.value)
+    assert str(bad) in message and "7 problem(s)" in message
+    for expected in (
+        "missing (NaN) votes in smooth-or-featured_smooth (use 0 for a question not asked) (1): row 3",
+        "negative votes in disk-edge-on_yes (1): row 4 (-2",
+        "non-integer votes in has-spiral-arms_no",
+        "row 5 (2.5)",
+        "non-numeric votes in has-spiral-arms_yes (1): row 6 ('many')",
+        "duplicate id_str (ids must be unique) (2): row 7",
+        "image files that do not exist (1): row 9:",
+        "not-there.jpg",
+    ):
+        assert expected in message
+    assert "extra_unknown_column" not in message
+
+
+def test_missing_label_column_is_named(demo_frame):
+    with pytest.raises(CatalogError, match="missing columns.*disk-edge-on_no"):
+        load_splits(SCHEMA, catalog=demo_frame.drop(columns=["disk-edge-on_no"]))
+
+
+def test_long_lists_are_cut_with_the_total(demo_frame):
+    df = demo_frame.copy()
+    df["file_loc"] = df["file_loc"] + ".missing"
+    with pytest.raises(CatalogError, match=r"image files that do not exist \(370\).*and 365 more"):
+        load_splits(SCHEMA, catalog=df)
+
+
+def test_empty_catalog_and_unreadable_files(tmp_path, demo_frame):
+    with pytest.raises(CatalogError, match="no rows"):
+        load_splits(SCHEMA, catalog=demo_frame.iloc[:0])
+    with pytest.raises(CatalogError, match="does not exist"):
+        read_catalog(tmp_path / "nope.csv")
+    other = tmp_path / "catalog.json"
+    other.write_text("{}")
+    with pytest.raises(CatalogError, match="use a .csv or .parquet"):
+        read_catalog(other)

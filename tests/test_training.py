@@ -1,0 +1,227 @@
+"""Real Lightning training on real galaxy images (a few CPU steps each)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from zoobot_hpc import GalaxyZooModel, train
+from zoobot_hpc.catalog import read_catalog
+from zoobot_hpc.config import load_config
+from zoobot_hpc.data import GalaxyDataModule, LoaderSettings
+from zoobot_hpc.errors import InputError
+from zoobot_hpc.training import read_splits
+
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
+TINY = {"gpus": 0, "num_workers": 0, "resize_size": 32, "batch_size": 16, "trainer_kwargs": QUIET}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, demo_frame):
+    save_dir = tmp_path_factory.mktemp("tiny_run")
+    model, trainer = train(save_dir, "decals_rings", catalog=demo_frame.iloc[:120], epochs=2, **TINY)
+    return save_dir, model, trainer
+
+
+def test_returns_the_best_checkpoint_not_the_last(tiny_run):
+    save_dir, model, trainer = tiny_run
+    results = yaml.safe_load((save_dir / "results.yaml").read_text())
+    best = trainer.checkpoint_callback.best_model_path
+    assert results["best_checkpoint"] == best and Path(best).is_file()
+    reloaded = GalaxyZooModel.load_from_checkpoint(best, map_location="cpu")
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert (save_dir / "checkpoints" / "last.ckpt").is_file()
+    assert results["epochs_completed"] == 2 and "test_loss" in results["test"]
+
+
+def test_checkpoint_alone_is_enough_to_reload(tiny_run):
+    save_dir, _, trainer = tiny_run
+    checkpoint = torch.load(
+        trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=False
+    )
+    hparams = checkpoint["hyper_parameters"]
+    assert hparams["schema"]["name"] == "decals_rings"
+    assert hparams["model_architecture"] == "efficientnet" and hparams["channels"] == 1
+    assert hparams["resize_size"] == 32 and tuple(hparams["crop_scale_bounds"]) == (0.7, 0.8)
+    assert hparams["package_version"]
+    model = GalaxyZooModel.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    assert model.schema.label_cols[0] == "smooth-or-featured_smooth"
+
+
+def test_resolved_config_reruns_and_logs_exist(tiny_run):
+    save_dir, _, _ = tiny_run
+    config = load_config(save_dir / "config.yaml")  # every key is a train() argument
+    assert config["train_catalog"].endswith("train.parquet") and config["epochs"] == 2
+    splits = read_splits(save_dir)
+    assert sum(len(s) for s in splits.values()) == 120
+    assert list((save_dir / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = (save_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "val_loss/smooth-or-featured" in metrics and "val_loss/has-spiral-arms" in metrics
+
+
+def test_seed_style_call_on_the_370_real_galaxies_improves_validation_loss(tmp_path, shared_catalog):
+    model, trainer = train(
+        tmp_path, "decals_rings", catalog=str(shared_catalog), model_architecture="efficientnet",
+        batch_size=32, epochs=3, patience=8, color=False, resize_size=64,
+        crop_scale_bounds=(0.7, 0.8), crop_ratio_bounds=(0.9, 1.1), nodes=1, gpus=0,
+        num_workers=2, prefetch_factor=2, mixed_precision=False, random_state=42, trainer_kwargs=QUIET,
+    )  # fmt: skip
+    datamodule = trainer.datamodule
+    untrained = GalaxyZooModel(**{k: v for k, v in model.hparams.items()})
+    validate = trainer.validate
+    before = validate(untrained, datamodule=datamodule, verbose=False)[0]["val_loss"]
+    after = validate(model, datamodule=datamodule, verbose=False)[0]["val_loss"]
+    assert after < before - 1.0, (before, after)
+    assert after == pytest.approx(trainer.checkpoint_callback.best_model_score.item(), rel=1e-4)
+
+
+def test_colour_training_and_resnets(tmp_path, demo_frame):
+    model, _ = train(
+        tmp_path / "colour", "decals_rings", catalog=demo_frame.iloc[:60], epochs=1, color=True,
+        model_architecture="resnet_detectron", **TINY,
+    )  # fmt: skip
+    assert model.hparams.channels == 3
+    assert model.encoder.layer2[0].conv1.stride == (2, 2) and model.encoder.layer2[0].conv2.stride == (1, 1)
+
+
+@pytest.mark.parametrize("architecture", ["efficientnet", "resnet_torchvision", "resnet_detectron"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_architectures_output_one_concentration_per_answer(architecture, channels):
+    schema = {"name": "t", "questions": [{"question": "q", "answers": ["a", "b", "c"], "asked_after": None}]}
+    model = GalaxyZooModel(schema, model_architecture=architecture, channels=channels, resize_size=32).eval()
+    out = model(torch.rand(2, channels, 32, 32))
+    assert out.shape == (2, 3) and bool(((out > 1) & (out < 101)).all())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model_architecture": "vit"}, "model_architecture='vit' is unknown; use one of efficientnet"),
+        ({"crop_scale_bounds": (0.8, 0.7)}, r"crop_scale_bounds=\(0.8, 0.7\): need 0 < low <= high <= 1"),
+        ({"crop_scale_bounds": (0.5, 1.5)}, "crop_scale_bounds"),
+        ({"crop_ratio_bounds": (1.1, 0.9)}, "crop_ratio_bounds"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"gpus": -1}, "gpus=-1"),
+        ({"accelerator": "tpu"}, "accelerator='tpu'"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(tmp_path, demo_frame, kwargs, message):
+    settings = {**TINY, **kwargs}
+    with pytest.raises(InputError, match=message):
+        train(tmp_path, "decals_rings", catalog=demo_frame, **settings)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unwritable_save_dir(tmp_path, demo_frame):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="is not writable"):
+        train(blocker / "run", "decals_rings", catalog=demo_frame, **TINY)
+
+
+def test_resize_larger_than_the_images_works(tmp_path, demo_frame):
+    model, _ = train(
+        tmp_path, "decals_rings", catalog=demo_frame.iloc[:40], epochs=1, **{**TINY, "resize_size": 160}
+    )
+    assert model.hparams.resize_size == 160
+
+
+def test_datamodule_batches_are_uint8_and_augmented_on_the_model(demo_frame):
+    datamodule = GalaxyDataModule(
+        demo_frame[:8], demo_frame[8:12], demo_frame[12:16], ["smooth-or-featured_smooth"], False,
+        LoaderSettings(batch_size=4, num_workers=0),
+    )  # fmt: skip
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 1, 128, 128)
+    assert batch["votes"].shape == (4, 1)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "zoobot_hpc", *args]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_killed_run_resumes_from_last_checkpoint_at_the_next_epoch(tmp_path, demo_frame):
+    """SIGKILL a real training process after its first epoch; the rerun continues, not restarts."""
+    catalog = tmp_path / "catalog.parquet"
+    demo_frame.iloc[:96].to_parquet(catalog)
+    save_dir = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "save_dir": str(save_dir),
+                "schema": "decals_rings",
+                "catalog": str(catalog),
+                "epochs": 3,
+                "gpus": 0,
+                "num_workers": 0,
+                "resize_size": 32,
+                "batch_size": 16,
+                "patience": 10,
+            }
+        )  # fmt: skip
+    )
+    process = subprocess.Popen(
+        _cli("train", "--config", str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    last = save_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert last.exists(), process.stderr.read().decode()[-2000:] if process.poll() is not None else "timeout"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    first_epoch = torch.load(last, map_location="cpu", weights_only=False)
+    assert first_epoch["epoch"] == 0
+    steps_per_epoch = first_epoch["global_step"]
+    epoch0_files = {p.name: _sha(p) for p in (save_dir / "checkpoints").glob("epoch=0-*.ckpt")}
+    assert len(epoch0_files) == 1
+
+    rerun = subprocess.run(
+        _cli("train", "--config", str(config)), capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stderr and str(last) in rerun.stderr
+    assert {p.name: _sha(p) for p in (save_dir / "checkpoints").glob("epoch=0-*.ckpt")} == epoch0_files
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["epoch"] == 2 and final["global_step"] == 3 * steps_per_epoch
+    adam_steps = {int(s["step"]) for s in final["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {3 * steps_per_epoch}  # the optimizer state carried on; a fresh one would say 2x
+
+
+def test_cpu_ddp_two_ranks_through_the_cli(tmp_path, demo_frame):
+    """Lightning launches a second rank itself (no Slurm); both ranks train and agree on the result."""
+    catalog = tmp_path / "catalog.parquet"
+    demo_frame.iloc[:64].to_parquet(catalog)
+    result = subprocess.run(
+        _cli("train", "--set", f"save_dir={tmp_path / 'run'}", "--set", "schema=decals_rings",
+             "--set", f"catalog={catalog}", "--set", "epochs=1", "--set", "gpus=2", "--set", "accelerator=cpu",
+             "--set", "num_workers=0", "--set", "resize_size=32", "--set", "batch_size=8"),
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "distributed_backend=gloo" in result.stderr
+        and "All distributed processes registered" in result.stderr
+    )
+    assert "Starting with 2 processes" in result.stderr
+    checkpoint = torch.load(
+        tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    # 44 training galaxies (70 %) split over 2 ranks of batch 8, last partial batch dropped: 2 steps
+    assert checkpoint["global_step"] == 2
+    assert read_catalog(tmp_path / "run" / "splits" / "train.parquet").shape[0] == 45

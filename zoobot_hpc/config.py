@@ -1,0 +1,128 @@
+"""Run configurations: one YAML file whose keys are exactly `train()`'s arguments.
+
+A config file may also hold a `slurm:` section with the job-level settings of `HardwareSpec`
+(time, mem, partition, ...), read by the Slurm renderer and ignored by `train()`. Unknown keys are
+errors that suggest the closest valid key, because a typo silently falling back to a default would
+only show up hours into a job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zoobot_hpc.errors import InputError
+from zoobot_hpc.hardware import HardwareSpec
+
+SLURM_SECTION = "slurm"
+HARDWARE_TRAIN_KEYS = ("nodes", "gpus", "num_workers", "mixed_precision", "accelerator")
+SLURM_KEYS = (*(f.name for f in dataclasses.fields(HardwareSpec) if f.name not in HARDWARE_TRAIN_KEYS), "env")
+
+
+class ConfigError(InputError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+def train_arguments() -> dict[str, inspect.Parameter]:
+    """`train()`'s parameters by name: the vocabulary of config files."""
+    from zoobot_hpc.training import train
+
+    return dict(inspect.signature(train).parameters)
+
+
+def check_keys(keys: Iterable[str], valid: Iterable[str], where: str) -> None:
+    valid = list(valid)
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {where}.{hint} Valid keys: {', '.join(sorted(valid))}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`key=value` or `slurm.key=value`; the value is parsed as YAML (numbers, lists, null, ...)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set epochs=10")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from err
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Read a YAML config, apply `key=value` overrides, and check every key.
+
+    Relative paths inside the file are left as written; `resolve_paths` anchors them.
+    """
+    config: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping of train() arguments")
+        config = dict(loaded)
+    for text in overrides:
+        keys, value = parse_override(text)
+        target = config
+        for part in keys[:-1]:
+            target = target.setdefault(part, {})
+        target[keys[-1]] = value
+    validate_config(config, where=str(path) if path else "--set overrides")
+    return config
+
+
+def validate_config(config: Mapping[str, Any], where: str) -> None:
+    train_keys = [k for k in train_arguments() if k != "kwargs"]
+    check_keys(config.keys(), [*train_keys, SLURM_SECTION], where)
+    slurm = config.get(SLURM_SECTION) or {}
+    if not isinstance(slurm, Mapping):
+        raise ConfigError(f"'{SLURM_SECTION}' in {where} must be a mapping of job settings")
+    check_keys(slurm.keys(), SLURM_KEYS, f"the {SLURM_SECTION} section of {where}")
+
+
+def train_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a config that `train()` takes."""
+    return {k: v for k, v in config.items() if k != SLURM_SECTION}
+
+
+def hardware_spec(config: Mapping[str, Any]) -> HardwareSpec:
+    """The `HardwareSpec` of a config: train()'s hardware arguments plus its slurm section."""
+    defaults = train_arguments()
+    values = {key: config.get(key, defaults[key].default) for key in HARDWARE_TRAIN_KEYS if key in defaults}
+    slurm = dict(config.get(SLURM_SECTION) or {})
+    slurm.pop("env", None)
+    if "extra_sbatch" in slurm:
+        slurm["extra_sbatch"] = tuple(slurm["extra_sbatch"] or ())
+    return HardwareSpec(**values, **slurm)
+
+
+def dump_yaml(data: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(_plain(data), sort_keys=False, default_flow_style=None)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples, paths and numpy scalars as plain YAML types."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value

@@ -1,0 +1,113 @@
+"""The LightningModule: encoder + Dirichlet head, trained on the Dirichlet-Multinomial vote likelihood.
+
+Its hyperparameters carry everything needed to use a checkpoint alone: the schema, architecture,
+channels, transform settings and the package version, so `GalaxyZooModel.load_from_checkpoint(path)`
+needs no other argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from zoobot_hpc.augment import GalaxyAugment
+from zoobot_hpc.errors import InputError
+from zoobot_hpc.loss import dirichlet_multinomial_nll
+from zoobot_hpc.models import DirichletHead, build_encoder
+from zoobot_hpc.schema import Schema
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; raised before the weights are updated with it."""
+
+
+class GalaxyZooModel(pl.LightningModule):
+    def __init__(
+        self,
+        schema: dict[str, Any],
+        model_architecture: str = "efficientnet",
+        channels: int = 1,
+        resize_size: int = 224,
+        crop_scale_bounds: Sequence[float] = (0.7, 0.8),
+        crop_ratio_bounds: Sequence[float] = (0.9, 1.1),
+        dropout_rate: float = 0.2,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.05,
+        channels_last: bool = False,
+        package_version: str = "",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.schema = Schema.from_dict(schema)
+        self.encoder, n_features = build_encoder(model_architecture, channels)
+        self.head = DirichletHead(n_features, len(self.schema.label_cols), dropout_rate)
+        self.augment = GalaxyAugment(resize_size, crop_scale_bounds, crop_ratio_bounds)
+        self.register_buffer("answer_to_question", self.schema.answer_to_question_matrix, persistent=False)
+        if channels_last:
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.encoder(images)
+
+    def forward(self, images: torch.Tensor, dropout: bool | None = None) -> torch.Tensor:
+        """Concentrations (B, answers) of preprocessed images; dropout follows `training` by default."""
+        return self.head(self.encode(images), self.training if dropout is None else dropout)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Augment (training) or apply the eval transform, on the device the batch now lives on."""
+        images = batch["image"]
+        if images.shape[1] != self.hparams.channels:
+            raise InputError(
+                f"the images have {images.shape[1]} channel(s) but the model takes "
+                f"{self.hparams.channels} (color={self.hparams.channels == 3} at training time)"
+            )
+        training = self._trainer is not None and self.trainer.training
+        batch["image"] = self.augment(images, train=training)
+        return batch
+
+    # ------------------------------------------------------------------ steps
+    def _losses(self, batch: dict[str, Any]) -> torch.Tensor:
+        concentrations = self(batch["image"])
+        return dirichlet_multinomial_nll(concentrations, batch["votes"], self.answer_to_question)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._losses(batch).sum(dim=1).mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at step {self.global_step}; galaxies in the batch: "
+                f"{', '.join(self._batch_ids('train', batch)[:20])}. Check their images and votes, or lower "
+                "learning_rate; the weights were not updated with this loss"
+            )
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        per_question = self._losses(batch)
+        loss = per_question.sum(dim=1).mean()
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True)
+        for name, value in zip(self.schema.question_names, per_question.mean(dim=0), strict=True):
+            self.log(f"{stage}_loss/{name}", value, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "test")
+
+    def _batch_ids(self, split: str, batch: dict[str, Any]) -> list[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "ids"):
+            return [f"row {int(i)}" for i in batch["index"]]
+        return datamodule.ids(split, batch["index"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
