@@ -72,7 +72,7 @@ def test_resolved_config_reruns_and_logs_exist(tiny_run):
 def test_seed_style_call_on_the_370_real_galaxies_improves_validation_loss(tmp_path, shared_catalog):
     model, trainer = train(
         tmp_path, "decals_rings", catalog=str(shared_catalog), model_architecture="efficientnet",
-        batch_size=32, epochs=3, patience=8, color=False, resize_size=64,
+        batch_size=32, epochs=2, patience=8, color=False, resize_size=48,
         crop_scale_bounds=(0.7, 0.8), crop_ratio_bounds=(0.9, 1.1), nodes=1, gpus=0,
         num_workers=2, prefetch_factor=2, mixed_precision=False, random_state=42, trainer_kwargs=QUIET,
     )  # fmt: skip

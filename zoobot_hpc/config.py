@@ -60,7 +60,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Read a YAML config, apply `key=value` overrides, and check every key.
 
-    Relative paths inside the file are left as written; `resolve_paths` anchors them.
+    Relative paths inside the file are relative to the working directory, as on the command line.
     """
     config: dict[str, Any] = {}
     if path is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from zoobot_hpc.models import ENCODERS, ModelError
 from zoobot_hpc.schema import Schema, load_schema
 
 log = logging.getLogger(__name__)
+# the model, not the data module, owns the transforms (checkpoints must carry them): that is intended
+warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
