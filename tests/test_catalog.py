@@ -87,7 +87,7 @@ def test_every_problem_is_reported_at_once(demo_copy):
 
 
 def test_missing_label_column_is_named(demo_frame):
-    with pytest.raises(CatalogError, match="missing columns.*disk-edge-on_no"):
+    with pytest.raises(CatalogError, match=r"missing columns.*disk-edge-on_no"):
         load_splits(SCHEMA, catalog=demo_frame.drop(columns=["disk-edge-on_no"]))
 
 
@@ -105,5 +105,5 @@ def test_empty_catalog_and_unreadable_files(tmp_path, demo_frame):
         read_catalog(tmp_path / "nope.csv")
     other = tmp_path / "catalog.json"
     other.write_text("{}")
-    with pytest.raises(CatalogError, match="use a .csv or .parquet"):
+    with pytest.raises(CatalogError, match=r"use a \.csv or \.parquet"):
         read_catalog(other)

@@ -45,7 +45,7 @@ def test_returns_the_best_checkpoint_not_the_last(tiny_run):
 
 
 def test_checkpoint_alone_is_enough_to_reload(tiny_run):
-    save_dir, _, trainer = tiny_run
+    _, _, trainer = tiny_run
     checkpoint = torch.load(
         trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=False
     )
@@ -173,7 +173,7 @@ def test_killed_run_resumes_from_last_checkpoint_at_the_next_epoch(tmp_path, dem
                 "batch_size": 16,
                 "patience": 10,
             }
-        )  # fmt: skip
+        )
     )
     process = subprocess.Popen(
         _cli("train", "--config", str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -209,8 +209,9 @@ def test_cpu_ddp_two_ranks_through_the_cli(tmp_path, demo_frame):
     demo_frame.iloc[:64].to_parquet(catalog)
     result = subprocess.run(
         _cli("train", "--set", f"save_dir={tmp_path / 'run'}", "--set", "schema=decals_rings",
-             "--set", f"catalog={catalog}", "--set", "epochs=1", "--set", "gpus=2", "--set", "accelerator=cpu",
-             "--set", "num_workers=0", "--set", "resize_size=32", "--set", "batch_size=8"),
+             "--set", f"catalog={catalog}", "--set", "epochs=1", "--set", "gpus=2",
+             "--set", "accelerator=cpu", "--set", "num_workers=0", "--set", "resize_size=32",
+             "--set", "batch_size=8"),
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
