@@ -19,7 +19,7 @@ from zoobot_hpc.catalog import read_catalog
 from zoobot_hpc.config import load_config
 from zoobot_hpc.data import GalaxyDataModule, LoaderSettings
 from zoobot_hpc.errors import InputError
-from zoobot_hpc.training import read_splits
+from zoobot_hpc.training import read_metrics, read_splits
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 TINY = {"gpus": 0, "num_workers": 0, "resize_size": 32, "batch_size": 16, "trainer_kwargs": QUIET}
@@ -65,8 +65,9 @@ def test_resolved_config_reruns_and_logs_exist(tiny_run):
     splits = read_splits(save_dir)
     assert sum(len(s) for s in splits.values()) == 120
     assert list((save_dir / "tensorboard").glob("events.out.tfevents.*"))
-    metrics = (save_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
-    assert "val_loss/smooth-or-featured" in metrics and "val_loss/has-spiral-arms" in metrics
+    metrics = read_metrics(save_dir)
+    assert {"val_loss/smooth-or-featured", "val_loss/has-spiral-arms"} <= set(metrics.columns)
+    assert metrics.dropna(subset=["val_loss"])["epoch"].tolist() == [0, 1]
 
 
 def test_seed_style_call_on_the_370_real_galaxies_improves_validation_loss(tmp_path, shared_catalog):
@@ -201,6 +202,8 @@ def test_killed_run_resumes_from_last_checkpoint_at_the_next_epoch(tmp_path, dem
     assert final["epoch"] == 2 and final["global_step"] == 3 * steps_per_epoch
     adam_steps = {int(s["step"]) for s in final["optimizer_states"][0]["state"].values()}
     assert adam_steps == {3 * steps_per_epoch}  # the optimizer state carried on; a fresh one would say 2x
+    epochs_logged = read_metrics(save_dir).dropna(subset=["val_loss"])["epoch"].tolist()
+    assert epochs_logged == [0, 1, 2]  # both attempts' learning curves survive the restart
 
 
 def test_cpu_ddp_two_ranks_through_the_cli(tmp_path, demo_frame):

@@ -36,13 +36,14 @@ def load_image(path: str, color: bool, size: tuple[int, int] | None = None) -> t
     """
     try:
         with open(path, "rb") as f:
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            raw = f.read()
     except OSError as err:
         raise ImageError(
             f"image {path} cannot be read ({err.strerror}); fix the path in the catalog"
         ) from err
-    if data.numel() == 0:
+    if not raw:
         raise ImageError(f"image {path} is an empty file; replace it or remove its row from the catalog")
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     try:
         image = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:

@@ -32,6 +32,7 @@ from zoobot_hpc.errors import InputError
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.hardware import HardwareSpec
 from zoobot_hpc.models import ENCODERS, ModelError
+from zoobot_hpc.report import report_after_training
 from zoobot_hpc.schema import Schema, load_schema
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ def train(
         mixed_precision=mixed_precision,
         accelerator=accelerator,
     )
+    hardware.check_launch()  # in a Slurm job: refuse a launch or allocation that cannot work, before
+    hardware.check_job()  # any catalog is read or model built (no-ops outside Slurm)
     schema = load_schema(schema)
     save_dir = _prepare_save_dir(save_dir)
     splits = load_splits(
@@ -176,6 +179,7 @@ def train(
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     _record_results(save_dir, trainer, checkpointing, best_path, test_metrics)
+    report_after_training(save_dir)
     best_model = GalaxyZooModel.load_from_checkpoint(best_path, map_location="cpu")
     return best_model, trainer
 
@@ -223,7 +227,8 @@ def resolve_resume(resume: bool | str, save_dir: Path) -> str | None:
 def _loggers(save_dir: Path, logger: Logger | None, wandb_logger: Logger | None) -> list[Logger]:
     """TensorBoard (or the given logger), wandb if given, and a CSV log that `report` reads."""
     main = logger or TensorBoardLogger(save_dir, name="tensorboard", version="", default_hp_metric=False)
-    loggers = [main, CSVLogger(save_dir, name="csv", version="")]
+    # one CSV version per (re)start: Lightning would delete the previous attempt's metrics.csv
+    loggers = [main, CSVLogger(save_dir, name="csv")]
     if wandb_logger is not None:
         loggers.append(wandb_logger)
     return loggers
@@ -281,6 +286,26 @@ def _record_results(
         "package_version": __version__,
     }
     write_text(save_dir / RESULTS_FILE, dump_yaml(results))
+
+
+def read_metrics(save_dir: str | Path) -> pd.DataFrame:
+    """Logged metrics of every attempt of a run (`csv/version_N/metrics.csv`), later attempts winning.
+
+    A run killed mid-epoch logged steps that its resumption logs again: rows of an earlier attempt
+    from the epoch the next attempt starts at onwards are dropped.
+    """
+    frames: list[pd.DataFrame] = []
+    for path in sorted((Path(save_dir) / "csv").glob("version_*/metrics.csv"), key=_version_number):
+        frame = pd.read_csv(path)
+        if frames and len(frame) and "epoch" in frame:
+            first_epoch = frame["epoch"].min()
+            frames = [f[f["epoch"] < first_epoch] for f in frames]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _version_number(path: Path) -> int:
+    return int(path.parent.name.removeprefix("version_"))
 
 
 def read_splits(save_dir: str | Path) -> dict[str, pd.DataFrame]:

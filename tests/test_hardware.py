@@ -1,0 +1,332 @@
+"""HardwareSpec renders Trainer settings, #SBATCH lines and submitit parameters that agree; the
+committed job scripts equal what `zoobot-hpc render` prints; pre-flight checks refuse bad jobs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from zoobot_hpc.config import hardware_spec, load_config
+from zoobot_hpc.hardware import HardwareError, HardwareSpec, time_limit_seconds
+from zoobot_hpc.slurm import clean_environment, render_predict_array, render_train_script
+
+ROOT = Path(__file__).resolve().parents[1]
+DR5_CONFIG = "jobs/configs/train_dr5.yaml"
+
+
+def directives(spec: HardwareSpec) -> dict[str, str]:
+    out = {}
+    for line in spec.sbatch_directives(job_name="job"):
+        key, _, value = line.lstrip("-").partition("=")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------- rendering
+def test_one_node_two_gpus():
+    spec = HardwareSpec(nodes=1, gpus=2, num_workers=4, mem="64G", partition="gpu")
+    d = directives(spec)
+    assert d["nodes"] == "1"
+    assert d["ntasks-per-node"] == "2"  # one task per GPU: what Lightning's DDP expects
+    assert d["gpus-per-node"] == "2"
+    assert d["cpus-per-task"] == "5"
+    assert d["mem"] == "64G"
+    assert d["partition"] == "gpu"
+    assert d["signal"] == "USR1@120"
+    assert "requeue" in d and "no-requeue" not in d
+    assert d["open-mode"] == "append"
+    assert d["output"] == "logs/%x-%j.out"
+    tk = spec.trainer_kwargs()
+    assert (tk["devices"], tk["num_nodes"], tk["accelerator"]) == (2, 1, "gpu")
+    assert type(tk["strategy"]).__name__ == "DDPStrategy"
+
+
+def test_two_nodes_four_gpus():
+    spec = HardwareSpec(nodes=2, gpus=4, num_workers=8, time="2-00:00:00")
+    d = directives(spec)
+    assert (d["nodes"], d["ntasks-per-node"], d["gpus-per-node"], d["cpus-per-task"]) == ("2", "4", "4", "9")
+    assert d["time"] == "2-00:00:00"
+    assert spec.world_size == 8
+    tk = spec.trainer_kwargs()
+    assert (tk["devices"], tk["num_nodes"]) == (4, 2)
+    assert tk["strategy"]._process_group_backend == "nccl"
+    params = spec.submitit_parameters()
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (2, 4, 4)
+    assert params["timeout_min"] == 2 * 24 * 60
+    assert params["slurm_additional_parameters"]["signal"] == "USR1@120"  # one requeue owner
+
+
+def test_cpu_ddp_spec_has_no_gpu_lines():
+    spec = HardwareSpec(nodes=1, gpus=2, num_workers=0, accelerator="cpu", time="30:00")
+    d = directives(spec)
+    assert "gpus-per-node" not in d
+    assert (d["ntasks-per-node"], d["cpus-per-task"]) == ("2", "1")
+    assert int(d["signal"].split("@")[1]) < time_limit_seconds("30:00")
+    tk = spec.trainer_kwargs()
+    assert tk["accelerator"] == "cpu" and tk["strategy"]._process_group_backend == "gloo"
+    assert "gpus_per_node" not in spec.submitit_parameters()
+
+
+def test_plain_cpu_run_is_one_task():
+    spec = HardwareSpec(gpus=0, num_workers=2)
+    assert directives(spec)["ntasks-per-node"] == "1"
+    assert spec.trainer_kwargs()["strategy"] == "auto"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        HardwareSpec(nodes=1, gpus=2, num_workers=4),
+        HardwareSpec(nodes=2, gpus=4, num_workers=8, partition="gpu", account="proj", qos="high"),
+        HardwareSpec(nodes=1, gpus=2, num_workers=0, accelerator="cpu", container="img.sif"),
+    ],
+    ids=["1x2", "2x4", "cpu"],
+)
+def test_rendered_train_script(spec, tmp_path):
+    script = render_train_script("cfg.yaml", spec, env={"NCCL_SOCKET_IFNAME": "ib0"}, job_name="run")
+    for line in spec.sbatch_directives(job_name="run"):
+        assert f"#SBATCH {line}\n" in script
+    assert "srun --kill-on-bad-exit=1" in script
+    assert "MASTER_ADDR=$(scontrol show hostnames" in script
+    assert "export PYTHONFAULTHANDLER=" in script and "export NCCL_SOCKET_IFNAME=ib0" in script
+    assert ("--nv" in script) == (spec.resolved_accelerator == "gpu")
+    assert "29500" not in script  # never a hard-coded port
+    if spec.container:
+        assert 'IMAGE=${ZOOBOT_IMAGE:-"img.sif"}' in script
+    # all #SBATCH lines come before the first command, or sbatch ignores them
+    lines = script.splitlines()
+    first_command = next(i for i, x in enumerate(lines) if x and not x.startswith("#"))
+    assert max(i for i, x in enumerate(lines) if x.startswith("#SBATCH")) < first_command
+    if shutil.which("shellcheck"):
+        path = tmp_path / "job.sh"
+        path.write_text(script)
+        subprocess.run(["shellcheck", str(path)], check=True)
+
+
+def test_predict_array_script():
+    script = render_predict_array(HardwareSpec(gpus=1, num_workers=2), num_shards=5, log_dir="L")
+    assert "#SBATCH --ntasks=1" in script and "ntasks-per-node" not in script
+    assert "#SBATCH --gpus-per-node=1" in script
+    assert "#SBATCH --output=L/%x-%A_%a.out" in script
+    assert '--dependency="afterok:$array_id"' in script
+    assert "SHARDS=${ZOOBOT_SHARDS:-5}" in script
+    with pytest.raises(Exception, match="one node"):
+        render_predict_array(HardwareSpec(nodes=2, gpus=1))
+
+
+# ---------------------------------------------------------------- committed scripts do not drift
+def _render_cli(capsys, *args: str) -> str:
+    """`zoobot-hpc ARGS` in this process, from the repository root (relative paths as committed)."""
+    from zoobot_hpc.cli import main
+
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        capsys.readouterr()
+        assert main(list(args)) == 0
+        return capsys.readouterr().out
+    finally:
+        os.chdir(cwd)
+
+
+def test_committed_train_script_matches_render(capsys):
+    rendered = _render_cli(
+        capsys,
+        "render",
+        "--config",
+        DR5_CONFIG,
+        "--log-dir",
+        "jobs/logs",
+        "--script-name",
+        "jobs/train_dr5.sh",
+    )
+    committed = (ROOT / "jobs/train_dr5.sh").read_text()
+    assert committed == rendered, (
+        "jobs/train_dr5.sh drifted from its config/template; re-render with "
+        "`zoobot-hpc render --config jobs/configs/train_dr5.yaml --log-dir jobs/logs "
+        "--script-name jobs/train_dr5.sh -o jobs/train_dr5.sh`"
+    )
+    spec = hardware_spec(load_config(ROOT / DR5_CONFIG))
+    assert (spec.nodes, spec.gpus) == (1, 2)  # the seed's defaults: 1 node x 2 GPUs, DDP
+
+
+def test_committed_predict_script_matches_render(capsys):
+    rendered = _render_cli(
+        capsys,
+        "render-predict",
+        "--gpus",
+        "1",
+        "--job-name",
+        "predict_array",
+        "--log-dir",
+        "jobs/logs",
+        "--script-name",
+        "jobs/predict_array.sh",
+    )
+    assert (ROOT / "jobs/predict_array.sh").read_text() == rendered, (
+        "jobs/predict_array.sh drifted; re-render with `zoobot-hpc render-predict --gpus 1 "
+        "--job-name predict_array --log-dir jobs/logs --script-name jobs/predict_array.sh "
+        "-o jobs/predict_array.sh`"
+    )
+
+
+def test_committed_scripts_are_executable_bash():
+    for name in ("train_dr5.sh", "predict_array.sh"):
+        path = ROOT / "jobs" / name
+        assert path.read_text().startswith("#!/bin/bash\n")
+        subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+# ---------------------------------------------------------------- pre-flight: before submission
+def test_ntasks_override_in_extra_sbatch_is_refused():
+    spec = HardwareSpec(gpus=2, extra_sbatch=("--ntasks-per-node=1",))
+    with pytest.raises(HardwareError, match=r"ntasks-per-node.*remove the line and set gpus"):
+        spec.preflight()
+
+
+def test_more_workers_than_node_cpus_is_refused():
+    with pytest.raises(HardwareError, match=r"lower num_workers to at most 7"):
+        HardwareSpec(gpus=4, num_workers=16).preflight(node_cpus=32)
+    HardwareSpec(gpus=4, num_workers=7).preflight(node_cpus=32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"time": "forever"}, "time='forever'"),
+        ({"mem": "lots"}, "mem='lots'"),
+        ({"nodes": 2, "gpus": 0}, "multi-node"),
+        ({"extra_sbatch": "--exclusive"}, "list of sbatch options"),
+    ],
+)
+def test_bad_job_settings(kwargs, message):
+    with pytest.raises(HardwareError, match=message):
+        HardwareSpec(**kwargs)
+
+
+def test_time_formats():
+    assert time_limit_seconds("30") == 1800
+    assert time_limit_seconds("10:30") == 630
+    assert time_limit_seconds("24:00:00") == 86400
+    assert time_limit_seconds("1-12") == 129600
+    assert time_limit_seconds("1-00:30:00") == 88200
+
+
+# ---------------------------------------------------------------- pre-flight: at job start
+BATCH = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NTASKS": "2"}
+STEP = {
+    **BATCH,
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "1",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_STEP_NUM_NODES": "1",
+}
+
+
+def test_job_with_wrong_ntasks_per_node_is_refused():
+    spec = HardwareSpec(gpus=2, num_workers=0, accelerator="cpu")
+    spec.check_job(BATCH)
+    with pytest.raises(HardwareError, match=r"--ntasks-per-node=1 .* must be equal"):
+        spec.check_job({**BATCH, "SLURM_NTASKS_PER_NODE": "1", "SLURM_NTASKS": "1"})
+    with pytest.raises(HardwareError, match=r"2 node\(s\) but the spec asks for nodes=1"):
+        spec.check_job({**BATCH, "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "4"})
+
+
+def test_step_world_size_must_match_spec():
+    spec = HardwareSpec(nodes=2, gpus=2, num_workers=0, accelerator="cpu")
+    with pytest.raises(HardwareError, match=r"runs 2 task\(s\) but the spec needs world size 4"):
+        spec.check_job(STEP)
+    HardwareSpec(gpus=2, num_workers=0, accelerator="cpu").check_job(STEP)
+
+
+def test_distributed_run_without_srun_is_refused():
+    spec = HardwareSpec(nodes=2, gpus=2, accelerator="cpu")
+    with pytest.raises(HardwareError, match="without srun"):
+        spec.check_launch(BATCH)
+    spec.check_launch({**BATCH, "SLURM_STEP_ID": "0"})
+    spec.check_launch({})  # not in Slurm: Lightning starts the ranks itself
+
+
+def test_more_workers_than_allocated_cpus_is_refused():
+    spec = HardwareSpec(gpus=2, num_workers=8, accelerator="cpu")
+    with pytest.raises(HardwareError, match=r"num_workers=8 but each rank has 3 CPU"):
+        spec.check_job({**STEP, "SLURM_CPUS_PER_TASK": "3"})
+
+
+def test_gpus_requested_but_not_usable():
+    spec = HardwareSpec(gpus=2, num_workers=0)
+    env = {**STEP, "CUDA_VISIBLE_DEVICES": "0,1"}
+    with pytest.raises(HardwareError, match=r"CUDA_VISIBLE_DEVICES=0,1\), but CUDA cannot use any"):
+        spec.check_job(env, cuda=(False, 0))
+    with pytest.raises(HardwareError, match=r"sees 1 CUDA device"):
+        spec.check_job(env, cuda=(True, 1))
+    spec.check_job(env, cuda=(True, 2))
+    # in the batch shell the (slow) CUDA probe runs only when asked for
+    spec.check_job({**BATCH, "CUDA_VISIBLE_DEVICES": "0,1"}, cuda=(False, 0))
+    with pytest.raises(HardwareError, match="cannot use any"):
+        spec.check_job({**BATCH, "CUDA_VISIBLE_DEVICES": "0,1"}, cuda=(False, 0), gpus_in_batch_shell=True)
+
+
+def test_no_checks_outside_slurm():
+    HardwareSpec(nodes=2, gpus=8, num_workers=64).check_job({}, cuda=(False, 0))
+
+
+def test_cluster_environment_only_in_a_step(monkeypatch):
+    from lightning_fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    spec = HardwareSpec(gpus=2, num_workers=0, accelerator="cpu")
+    for key in list(STEP):
+        monkeypatch.delenv(key, raising=False)
+    assert isinstance(spec.cluster_environment(), LightningEnvironment)
+    for key, value in STEP.items():
+        monkeypatch.setenv(key, value)
+    env = spec.cluster_environment()
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue
+
+
+# ---------------------------------------------------------------- submitting from inside a job
+def test_parent_job_environment_is_not_leaked():
+    env = clean_environment({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "8", "SLURM_CONF": "/etc/x", "HOME": "/h"})
+    assert env == {"SLURM_CONF": "/etc/x", "HOME": "/h"}
+
+
+def test_cli_render_refuses_contradicting_config(tmp_path, capsys):
+    from zoobot_hpc.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "save_dir: out\nschema: gz_decals_dr5\ngpus: 2\nslurm:\n  extra_sbatch: ['--ntasks-per-node=1']\n"
+    )
+    assert main(["render", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "ntasks-per-node" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- submitit on a laptop
+@pytest.mark.slow
+def test_launch_debug_executor_trains_in_process(tmp_path):
+    """`launch.train(..., executor='debug')`: the same code path as Slurm, without a cluster."""
+    from zoobot_hpc import launch
+    from zoobot_hpc.demo import DEMO_SCHEMA, demo_catalog
+
+    config = {
+        "save_dir": str(tmp_path / "run"),
+        "schema": DEMO_SCHEMA,
+        "catalog": str(demo_catalog()),
+        "gpus": 0,
+        "num_workers": 0,
+        "resize_size": 32,
+        "batch_size": 16,
+        "epochs": 1,
+        "trainer_kwargs": {"limit_train_batches": 2, "limit_val_batches": 1, "limit_test_batches": 1},
+        "slurm": {"time": "10:00"},
+    }
+    job = launch.train(config, executor="debug")
+    result = launch.result(job)
+    assert result["world_size"] == 1 and Path(result["best_checkpoint"]).is_file()
+    with pytest.raises(Exception, match="needs 'slurm'"):
+        launch.train({**config, "nodes": 2, "gpus": 1}, executor="local")

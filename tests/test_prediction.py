@@ -1,0 +1,331 @@
+"""Prediction with a real (tiny) trained model on real demo galaxies: outputs, MC dropout, shards, kills."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from zoobot_hpc import train
+from zoobot_hpc.cli import main
+from zoobot_hpc.data import ImageError, load_image
+from zoobot_hpc.prediction import (
+    CheckpointError,
+    PredictionError,
+    full_pass_samples,
+    load_model,
+    load_predictions,
+    merge_parts,
+    part_name,
+    predict,
+    resolve_inputs,
+    sample_concentrations,
+)
+
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+N_IMAGES = 24
+_RUNS: dict[str, Path] = {}
+
+
+def trained_run(tmp_path_factory: pytest.TempPathFactory, demo_frame: pd.DataFrame) -> Path:
+    """save_dir of one tiny run per session (2 epochs, 32 px), shared by the prediction and report tests."""
+    if "run" not in _RUNS:
+        save_dir = tmp_path_factory.mktemp("predict_run")
+        train(
+            save_dir,
+            "decals_rings",
+            catalog=demo_frame.iloc[:64],
+            epochs=2,
+            gpus=0,
+            num_workers=0,
+            resize_size=32,
+            batch_size=16,
+            dropout_rate=0.5,
+            trainer_kwargs=QUIET,
+        )
+        _RUNS["run"] = save_dir
+    return _RUNS["run"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, demo_frame) -> Path:
+    return trained_run(tmp_path_factory, demo_frame) / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, demo_frame) -> Path:
+    """N_IMAGES real demo galaxies in a folder with one subfolder (recursive search)."""
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "sub").mkdir()
+    for i, loc in enumerate(demo_frame["file_loc"].iloc[:N_IMAGES]):
+        shutil.copy(loc, folder / ("sub" if i % 3 == 0 else "") / Path(loc).name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_model(checkpoint)
+
+
+FAST = {"batch_size": 8, "num_workers": 0, "progress": False}
+
+
+def _answers(model) -> list[str]:
+    return model.schema.label_cols
+
+
+def _check_output(df: pd.DataFrame, ids: list[str], answers: list[str], n_samples: int) -> None:
+    assert sorted(df["id_str"]) == sorted(ids) and df["id_str"].is_unique
+    for answer in answers:
+        samples = np.stack(df[f"{answer}_samples"].to_numpy())
+        assert samples.shape == (len(ids), n_samples)
+        assert ((samples > 1) & (samples < 101)).all()
+        np.testing.assert_allclose(df[f"{answer}_concentration"], samples.mean(axis=1), rtol=1e-5)
+        assert ((df[f"{answer}_fraction"] > 0) & (df[f"{answer}_fraction"] < 1)).all()
+
+
+def test_folder_to_parquet_and_catalog_to_csv(tmp_path, checkpoint, model, image_folder, demo_frame):
+    answers = _answers(model)
+    out = predict(checkpoint, image_folder, tmp_path / "folder.parquet", n_samples=3, **FAST)
+    folder_df = load_predictions(out)
+    stems = sorted(p.stem for p in image_folder.rglob("*.jpg"))
+    _check_output(folder_df, stems, answers, 3)
+    meta = folder_df.attrs["zoobot_hpc"]
+    assert meta["checkpoint"] == str(checkpoint.resolve()) and meta["n_samples"] == 3
+    assert meta["schema"] == model.schema.to_dict() and meta["package_version"] and meta["skipped"] == []
+    for question in model.schema.question_names:
+        assert folder_df[f"{question}_reach"].between(0, 1).all()
+    fractions = folder_df[[f"{a}_fraction" for a in answers[:3]]].sum(axis=1)
+    np.testing.assert_allclose(fractions, 1.0, rtol=1e-5)  # smooth-or-featured's answers share its votes
+
+    catalog = tmp_path / "catalog.csv"
+    demo_frame.iloc[:N_IMAGES].to_csv(catalog, index=False)  # vote columns present and ignored
+    out_csv = predict(checkpoint, catalog, tmp_path / "catalog.csv.out.csv", n_samples=4, **FAST)
+    raw = pd.read_csv(out_csv)
+    assert {f"{a}_s{i}" for a in answers for i in range(4)} <= set(raw.columns)
+    csv_df = load_predictions(out_csv)
+    _check_output(csv_df, list(demo_frame["id_str"].iloc[:N_IMAGES]), answers, 4)
+    assert csv_df.attrs["zoobot_hpc"]["n_samples"] == 4
+    assert list(csv_df["file_loc"]) == list(demo_frame["file_loc"].iloc[:N_IMAGES])
+
+
+def test_inputs_order_ids_and_duplicate_stems(tmp_path, image_folder, demo_frame):
+    first = resolve_inputs(image_folder)
+    assert list(first["file_loc"]) == list(resolve_inputs(image_folder)["file_loc"])  # stable
+    assert len(first) == N_IMAGES
+    shutil.copytree(image_folder, tmp_path / "copy")
+    twin = next((tmp_path / "copy" / "sub").glob("*.jpg"))
+    shutil.copy(twin, tmp_path / "copy" / twin.name)  # same stem in two folders
+    ids = resolve_inputs(tmp_path / "copy")["id_str"]
+    assert ids.is_unique and {twin.stem, f"sub/{twin.stem}"} <= set(ids)
+    with pytest.raises(PredictionError, match="listed twice"):
+        resolve_inputs([twin, twin])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictionError, match="no images in"):
+        resolve_inputs(tmp_path / "empty")
+
+
+def test_encoder_once_equals_full_passes(model, demo_frame):
+    """Seeded: each head sample equals the full pass with the same dropout mask; unseeded: same statistics."""
+    images = torch.stack([load_image(p, color=False) for p in demo_frame["file_loc"].iloc[:3]])
+    model.eval()
+    with torch.inference_mode():
+        for seed in range(3):
+            torch.manual_seed(seed)
+            once = sample_concentrations(model, images, 1)
+            torch.manual_seed(seed)
+            full = full_pass_samples(model, images, 1)
+            torch.testing.assert_close(once, full, rtol=1e-5, atol=1e-4)
+
+        n = 250
+        once = sample_concentrations(model, images, n).double()
+        # n full passes, batched: each row of the repeated batch draws its own dropout mask
+        full = full_pass_samples(model, images.repeat(n, 1, 1, 1), 1).reshape(n, len(images), -1)
+        full = full.transpose(0, 1).double()
+    std_once, std_full = once.std(dim=1), full.std(dim=1)
+    assert (std_once > 0).all(), "dropout must make the samples differ"
+    standard_error = torch.sqrt((std_once**2 + std_full**2) / n)
+    assert ((once.mean(dim=1) - full.mean(dim=1)).abs() <= 5 * standard_error).all()
+    ratio = std_once / std_full  # sampling error of a std with n=250 is ~4.5%
+    assert ((ratio > 0.75) & (ratio < 1.33)).all(), ratio
+
+
+def test_dropout_off_is_deterministic(tmp_path, checkpoint, image_folder):
+    paths = [
+        predict(checkpoint, image_folder, tmp_path / f"{i}.parquet", dropout=False, **FAST) for i in range(2)
+    ]
+    first, second = (load_predictions(p) for p in paths)
+    assert first.attrs["zoobot_hpc"]["n_samples"] == 1 and not first.attrs["zoobot_hpc"]["dropout"]
+    pd.testing.assert_frame_equal(first, second)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def test_shards_rerun_keeps_complete_parts_and_merge(tmp_path, checkpoint, image_folder, capsys):
+    out = tmp_path / "parts"
+    predict(checkpoint, image_folder, out, n_samples=2, num_shards=3, **{**FAST, "progress": True})
+    names = [part_name(k, 3) for k in range(3)]
+    assert sorted(p.name for p in out.iterdir()) == names
+    stamps = {n: _stamp(out / n) for n in names}
+    (out / names[1]).unlink()
+    capsys.readouterr()
+    predict(checkpoint, image_folder, out, n_samples=2, num_shards=3, **{**FAST, "progress": True})
+    err = capsys.readouterr().err
+    assert "complete; skipping shard 0" in err and "complete; skipping shard 2" in err
+    assert "skipping shard 1" not in err and "images/s" in err
+    assert _stamp(out / names[0]) == stamps[names[0]] and _stamp(out / names[2]) == stamps[names[2]]
+    merged = load_predictions(merge_parts(out, tmp_path / "all.parquet", images=image_folder))
+    assert sorted(merged["id_str"]) == sorted(resolve_inputs(image_folder)["id_str"])
+    assert merged.attrs["zoobot_hpc"]["merged_from"] == names
+
+
+def test_merge_refuses_incomplete_mixed_and_duplicate_sets(tmp_path, checkpoint, image_folder):
+    out = tmp_path / "parts"
+    predict(checkpoint, image_folder, out, n_samples=2, num_shards=3, **FAST)
+    names = [part_name(k, 3) for k in range(3)]
+
+    def refuses(match: str) -> None:
+        with pytest.raises(PredictionError, match=match):
+            merge_parts(out, tmp_path / "merged.parquet")
+
+    shutil.move(out / names[2], tmp_path / "kept")
+    refuses(f"missing: {names[2]}")
+    shutil.copy(out / names[0], out / names[2])  # a renamed copy: shard 0 twice
+    refuses(f"{names[2]} holds shard 0 .* duplicate shard")
+    shutil.move(tmp_path / "kept", out / names[2])
+
+    other = tmp_path / "other.ckpt"  # the same model with one weight changed: another checkpoint
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["state_dict"]["head.linear.bias"] += 1.0
+    torch.save(state, other)
+    predict(other, image_folder, out, n_samples=2, num_shards=3, shard_index=1, **FAST)
+    refuses(f"{names[1]} differs from {names[0]} in checkpoint_sha256 .*{other.name}")
+    predict(checkpoint, image_folder, out, n_samples=3, num_shards=3, shard_index=1, **FAST)
+    refuses(f"{names[1]} differs from {names[0]} in n_samples")
+    predict(checkpoint, image_folder, out, n_samples=2, num_shards=3, shard_index=1, **FAST)
+    merge_parts(out, tmp_path / "merged.parquet")  # the set is whole again
+
+    predict(checkpoint, image_folder, out, n_samples=2, num_shards=4, shard_index=0, **FAST)
+    refuses("mixes parts of differently sharded runs")
+    (out / part_name(0, 4)).unlink()
+    (out / "part-notes.txt").write_text("x")
+    refuses("part-notes.txt: unexpected file")
+
+
+def test_sigkill_midway_then_rerun_completes_only_missing_shards(tmp_path, checkpoint, image_folder, capsys):
+    out = tmp_path / "parts"
+    args = [str(checkpoint), str(image_folder), str(out), "--num-shards", "6", "--n-samples", "2"]
+    args += ["--batch-size", "4", "--num-workers", "0", "--no-progress"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zoobot_hpc", "predict", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 300
+    while not list(out.glob("part-*.parquet")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    output = process.communicate()[0].decode()
+    assert process.returncode == -signal.SIGKILL, output[-2000:]
+    finished = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert 1 <= len(finished) < 6, finished
+    for name in finished:  # whatever has a final name is whole
+        assert len(load_predictions(out / name)) == 4
+    stamps = {name: _stamp(out / name) for name in finished}
+
+    capsys.readouterr()
+    assert main(["predict", *args[:-1]]) == 0  # the same command again, in this process, with progress
+    rerun = capsys.readouterr().err
+    skipped = {int(k) for k in re.findall(r"complete; skipping shard (\d+)", rerun)}
+    assert skipped == {int(name[5:10]) for name in finished}
+    assert {name: _stamp(out / name) for name in finished} == stamps
+    assert rerun.count("images/s") == 6 - len(finished)
+    merged = load_predictions(merge_parts(out, tmp_path / "merged.csv", images=image_folder))
+    assert sorted(merged["id_str"]) == sorted(resolve_inputs(image_folder)["id_str"])
+    assert not list(out.glob(".*.tmp"))  # the killed shard's temporary file was cleaned up on rerun
+
+
+def _damage(folder: Path, kind: str, which: int = 1) -> Path:
+    victim = sorted(folder.glob("*.jpg"))[which]
+    if kind == "missing":
+        victim.unlink()
+    elif kind == "zero-byte":
+        victim.write_bytes(b"")
+    elif kind == "truncated":
+        victim.write_bytes(victim.read_bytes()[:300])
+    elif kind == "text":
+        victim.write_text("this is not a galaxy\n")
+    return victim
+
+
+BAD_KINDS = ("missing", "zero-byte", "truncated", "text")
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_image_error_names_the_file(tmp_path, checkpoint, image_folder, kind):
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    catalog = resolve_inputs(folder)  # listed before the damage, as in a catalog
+    victim = _damage(folder, kind)
+    with pytest.raises(ImageError, match=str(victim)):
+        predict(checkpoint, catalog, tmp_path / "out.parquet", **FAST)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_bad_images_skipped_are_listed_and_counted(tmp_path, checkpoint, image_folder, capsys):
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    catalog = resolve_inputs(folder)
+    victims = [_damage(folder, kind, i) for i, kind in enumerate(BAD_KINDS)]
+    assert len(set(victims)) == len(BAD_KINDS)
+    out = predict(
+        checkpoint, catalog, tmp_path / "out.parquet", on_bad_image="skip", **{**FAST, "progress": True}
+    )
+    df = load_predictions(out)
+    assert len(df) == N_IMAGES - len(victims)
+    assert not set(df["file_loc"]) & {str(v) for v in victims}
+    listed = (tmp_path / "out.parquet.skipped.txt").read_text()
+    assert all(str(v) in listed for v in victims)
+    assert len(df.attrs["zoobot_hpc"]["skipped"]) == len(victims)
+    assert f"predicted {N_IMAGES - 4} of {N_IMAGES} images, 4 skipped" in capsys.readouterr().err
+
+
+def test_corrupt_or_foreign_checkpoint_names_the_file(tmp_path, checkpoint, image_folder, capsys):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:5000])
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    for bad in (truncated, text, foreign, tmp_path / "absent.ckpt"):
+        with pytest.raises(CheckpointError, match=str(bad)):
+            predict(bad, image_folder, tmp_path / "out.parquet", **FAST)
+    assert main(["predict", str(text), str(image_folder), str(tmp_path / "o.parquet")]) == 2
+    assert "notes.ckpt cannot be loaded" in capsys.readouterr().err
+
+
+def test_cli_predict_and_merge(tmp_path, checkpoint, image_folder, capsys):
+    args = [str(checkpoint), str(image_folder), str(tmp_path / "parts"), "--num-shards", "2"]
+    args += ["--n-samples", "2", "--num-workers", "0", "--no-progress"]
+    assert main(["predict", *args, "--shard-index", "1"]) == 0
+    assert main(["merge", str(tmp_path / "parts"), str(tmp_path / "m.parquet")]) == 2
+    assert "part-00000-of-00002.parquet" in capsys.readouterr().err
+    assert main(["predict", *args, "--shard-index", "0"]) == 0
+    assert main(["merge", str(tmp_path / "parts"), str(tmp_path / "m.parquet")]) == 0
+    assert f"{N_IMAGES} galaxies, 0 skipped" in capsys.readouterr().out
+    assert main(["predict", *args[:2], str(tmp_path / "x.txt")]) == 2
+    assert main(["predict", *args, "--gpus", "2"]) == 2
+    assert "one device per process" in capsys.readouterr().err

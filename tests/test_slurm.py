@@ -1,0 +1,443 @@
+"""Real-cluster tests: the committed job scripts, multi-node DDP, submitit, job arrays and requeue.
+
+They need a Slurm cluster whose nodes share this machine's filesystem (`bash tests/slurm/cluster-up.sh`
+as root starts one: 2 nodes x 12 CPUs, 2 fake GPUs each). Without one they skip with the reason;
+with `CI` set they fail instead, so CI cannot pass without having run them. Every training here is
+tiny (32 px images, at most 3 batches per epoch, 1-2 epochs) on CPU ranks over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from zoobot_hpc.slurm import clean_environment
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
+# tiny, fast training: these overrides go through the job scripts' ZOOBOT_SET
+LIMITS = '{"limit_train_batches":2,"limit_val_batches":1,"limit_test_batches":1}'
+TINY = (
+    "accelerator=cpu num_workers=0 resize_size=32 batch_size=4 epochs=1 prefetch_factor=2 "
+    f"trainer_kwargs={LIMITS}"
+)
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "no Slurm here (sinfo not found); start one with `sudo bash tests/slurm/cluster-up.sh`"
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15, env=clean_environment()
+        )
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: slurmctld is not answering"
+    states = out.stdout.split()
+    if out.returncode != 0 or not states:
+        return f"Slurm is not reachable: {out.stderr.strip() or 'no nodes'} (run tests/slurm/cluster-up.sh)"
+    if not any(s.startswith(("idle", "mix", "alloc")) for s in states):
+        return f"no usable Slurm node (states: {' '.join(states)})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def cluster() -> int:
+    """Number of nodes; skips (or fails under CI) when no cluster is reachable."""
+    problem = _cluster_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but the Slurm tests cannot run: {problem}")
+        pytest.skip(problem)
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=True)
+    return len(set(out.stdout.split()))
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The submitting shell: no parent-job variables, this interpreter as the job's Python."""
+    env = clean_environment()
+    env["ZOOBOT_PYTHON"] = sys.executable
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def sbatch(*args: str, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=ROOT, env=env or job_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"sbatch {' '.join(args)} failed: {result.stderr}"
+    return result.stdout.strip().split(";")[0]
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    match = re.search(r"JobState=(\S+)", out.stdout)
+    if match:
+        return match.group(1)
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True
+    )
+    return (out.stdout.split() or ["UNKNOWN"])[0]
+
+
+def wait_job(job_id: str, timeout: float, log: Path | None = None) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state in TERMINAL:
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    pytest.fail(f"job {job_id} still {job_state(job_id)} after {timeout:.0f}s\n{tail(log)}")
+
+
+def tail(log: Path | None, lines: int = 60) -> str:
+    if log is None or not log.exists():
+        return f"(no log at {log})"
+    return "--- log tail\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def assert_completed(job_id: str, log: Path, timeout: float) -> str:
+    state = wait_job(job_id, timeout, log)
+    assert state == "COMPLETED", f"job {job_id} ended {state}\n{tail(log)}"
+    return log.read_text(errors="replace")
+
+
+def ranks_seen(log_text: str) -> set[str]:
+    """'MEMBER: k/n' lines that Lightning prints once per rank when DDP initialises."""
+    return set(re.findall(r"MEMBER: (\d+/\d+)", log_text))
+
+
+@pytest.fixture(scope="module")
+def dr5_catalog(tmp_path_factory) -> Path:
+    """A tiny DR5-format catalog: demo galaxies, demo votes mapped onto the DR5 questions.
+
+    The three demo questions map onto their -dr5 twins; every other question gets all the votes
+    of the answer that leads to it (all on one answer, chosen per galaxy), and the root
+    question `merging-dr5` gets every volunteer, so the counts are consistent down the tree.
+    """
+    from zoobot_hpc.demo import demo_catalog
+    from zoobot_hpc.schema import load_schema
+
+    schema = load_schema("gz_decals_dr5")
+    demo = pd.read_csv(demo_catalog()).head(40)
+    base = demo_catalog().parent
+    out = pd.DataFrame({"id_str": demo["id_str"], "file_loc": [str(base / f) for f in demo["file_loc"]]})
+    for column in demo.columns[2:]:
+        question, _, answer = column.partition("_")
+        out[f"{question}-dr5_{answer}"] = demo[column].astype(int)
+    total = sum(out[f"smooth-or-featured-dr5_{a}"] for a in ("smooth", "featured-or-disk", "artifact"))
+    for question in schema.questions:
+        columns = [f"{question.name}_{a}" for a in question.answers]
+        if all(c in out for c in columns):
+            continue
+        reaching = (total if question.asked_after is None else out[question.asked_after]).to_numpy()
+        chosen = [k % len(columns) for k in range(len(out))]  # each galaxy: one answer gets all votes
+        for i, column in enumerate(columns):
+            out[column] = [n if c == i else 0 for n, c in zip(reaching, chosen, strict=True)]
+    out = out[["id_str", "file_loc", *schema.label_cols]]
+    path = tmp_path_factory.mktemp("dr5") / "catalog.csv"
+    out.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dr5_run(cluster, dr5_catalog, tmp_path_factory):
+    """`sbatch jobs/train_dr5.sh` as committed, with environment overrides only."""
+    save_dir = tmp_path_factory.mktemp("train_dr5") / "run"
+    env = job_env(ZOOBOT_CATALOG=str(dr5_catalog), ZOOBOT_SAVE_DIR=str(save_dir), ZOOBOT_SET=TINY)
+    start = time.monotonic()
+    job_id = sbatch("jobs/train_dr5.sh", env=env)
+    log = ROOT / "jobs" / "logs" / f"train_dr5-{job_id}.out"
+    text = assert_completed(job_id, log, timeout=240)
+    return {"save_dir": save_dir, "log": text, "seconds": time.monotonic() - start}
+
+
+def test_train_dr5_script_as_committed(dr5_run):
+    save_dir = dr5_run["save_dir"]
+    assert ranks_seen(dr5_run["log"]) == {"1/2", "2/2"}, dr5_run["log"][-3000:]  # both ranks ran
+    assert "preflight ok: 1 node(s) x 2 rank(s) on cpu, world size 2" in dr5_run["log"]
+    assert (save_dir / "checkpoints" / "last.ckpt").is_file()
+    resolved = (save_dir / "config.yaml").read_text()
+    assert "gz_decals_dr5" in resolved or "smooth-or-featured-dr5" in resolved
+    assert "resize_size: 32" in resolved
+    assert list((save_dir / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_missing_catalog_fails_in_seconds(cluster):
+    env = job_env(ZOOBOT_CATALOG="/nonexistent/catalog.parquet", ZOOBOT_SET=TINY)
+    start = time.monotonic()
+    job_id = sbatch("jobs/train_dr5.sh", env=env)
+    log = ROOT / "jobs" / "logs" / f"train_dr5-{job_id}.out"
+    state = wait_job(job_id, 90, log)
+    text = log.read_text()
+    assert state == "FAILED", text
+    assert "catalog '/nonexistent/catalog.parquet' does not exist" in text
+    assert "ZOOBOT_CATALOG" in text and "Traceback" not in text
+    assert time.monotonic() - start < 60
+
+
+def test_two_nodes_four_ranks(cluster, dr5_catalog, tmp_path):
+    if cluster < 2:
+        pytest.skip("needs 2 nodes: SLURM_CI_NODES=2 bash tests/slurm/cluster-up.sh")
+    config = tmp_path / "multinode.yaml"
+    save_dir = tmp_path / "run"
+    config.write_text(
+        f"save_dir: {save_dir}\nschema: gz_decals_dr5\ncatalog: {dr5_catalog}\nnodes: 2\ngpus: 2\n"
+        "accelerator: cpu\nnum_workers: 0\nresize_size: 32\nbatch_size: 2\nepochs: 1\nprefetch_factor: 2\n"
+        f"trainer_kwargs: {LIMITS}\nslurm:\n  time: '15:00'\n  mem: 3G\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "zoobot_hpc", "submit", "--executor", "sbatch", "--config", str(config)],
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    job_id = re.search(r"submitted job (\d+)", out.stdout).group(1)
+    log = save_dir / "logs" / f"multinode-{job_id}.out"
+    text = assert_completed(job_id, log, timeout=300)
+    assert ranks_seen(text) == {"1/4", "2/4", "3/4", "4/4"}
+    assert "on node[1-2]: 2 node(s) x 2 task(s), rendezvous node1:" in text
+    assert (save_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_submitit_training_returns_result(cluster, dr5_catalog, tmp_path):
+    from zoobot_hpc import launch
+
+    config = {
+        "save_dir": str(tmp_path / "run"),
+        "schema": "gz_decals_dr5",
+        "catalog": str(dr5_catalog),
+        "gpus": 2,
+        "accelerator": "cpu",
+        "num_workers": 0,
+        "resize_size": 32,
+        "batch_size": 4,
+        "epochs": 1,
+        "prefetch_factor": 2,
+        "trainer_kwargs": {"limit_train_batches": 2, "limit_val_batches": 1, "limit_test_batches": 1},
+        "slurm": {"time": "15:00", "mem": "3G"},
+    }
+    job = launch.train(config, executor="slurm")
+    submission = Path(job.paths.submission_file).read_text()
+    assert "#SBATCH --signal=USR1@" in submission and "USR2" not in submission  # one requeue owner
+    assert "#SBATCH --ntasks-per-node=2" in submission
+    results = job.results()  # one per rank
+    assert [r["global_rank"] for r in results] == [0, 1]
+    result = launch.result(job)
+    assert result["world_size"] == 2 and result["global_rank"] == 0
+    assert Path(result["best_checkpoint"]).is_file()
+
+
+@pytest.mark.parametrize("interrupt", ["scontrol-requeue", "usr1-signal"])
+def test_requeue_resumes_from_last_checkpoint(cluster, dr5_catalog, tmp_path, interrupt):
+    """Requeue mid-training, by an admin (`scontrol requeue`, as on preemption) or by the USR1 that
+    Slurm sends before the time limit (handled by Lightning, the one requeue owner): the rerun
+    resumes from last.ckpt at the next epoch and finishes the requested epochs."""
+    import torch
+
+    epochs = 2
+    config = tmp_path / "requeue.yaml"
+    save_dir = tmp_path / "run"
+    config.write_text(
+        f"save_dir: {save_dir}\nschema: gz_decals_dr5\ncatalog: {dr5_catalog}\ngpus: 2\naccelerator: cpu\n"
+        f"num_workers: 0\nresize_size: 32\nbatch_size: 2\nepochs: {epochs}\npatience: 100\n"
+        "prefetch_factor: 2\n"
+        "trainer_kwargs: {limit_train_batches: 3, limit_val_batches: 1, limit_test_batches: 1}\n"
+        "slurm:\n  time: '20:00'\n  mem: 3G\n"
+    )
+    from zoobot_hpc.config import hardware_spec, load_config
+    from zoobot_hpc.slurm import render_train_script
+
+    script = tmp_path / "requeue.sh"
+    script.write_text(render_train_script(config, hardware_spec(load_config(config)), log_dir=str(tmp_path)))
+    job_id = sbatch(str(script))
+    log = tmp_path / f"requeue-{job_id}.out"
+    last = save_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 180
+    while not last.exists():
+        assert time.monotonic() < deadline, f"no last.ckpt after 180 s\n{tail(log)}"
+        assert job_state(job_id) not in TERMINAL, tail(log)
+        time.sleep(0.5)
+    if interrupt == "scontrol-requeue":
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+    else:  # what --signal=USR1@N delivers to the job steps before the time limit
+        subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    # the interrupted run's newest checkpoint is where the rerun must continue
+    while job_state(job_id) == "RUNNING" or job_state(job_id) == "COMPLETING":
+        time.sleep(0.5)
+    saved_epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    assert saved_epoch < epochs - 1, "the requeue came too late to interrupt training"
+    text = assert_completed(job_id, log, timeout=300)
+
+    assert "(restart 1)" in text, tail(log)
+    if interrupt == "usr1-signal":
+        assert "requeue" in text.split("(restart 1)", 1)[0].lower()
+    second_run = text.split("(restart 1)", 1)[1]
+    assert "Restored all states from the checkpoint" in second_run or "resuming from" in second_run
+    first_epoch = re.search(r"Epoch (\d+):", second_run)
+    assert first_epoch and int(first_epoch.group(1)) == saved_epoch + 1, second_run[-3000:]
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["epoch"] == epochs - 1  # finished the requested epochs, each once
+    steps_per_epoch = final["global_step"] // epochs
+    assert final["global_step"] == steps_per_epoch * epochs > 0
+
+
+def test_fake_gpu_without_cuda_fails_fast(cluster, dr5_catalog, tmp_path):
+    gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
+    if "gpu" not in gres:
+        pytest.skip("the cluster has no (fake) GPUs: SLURM_CI_GPUS=2 bash tests/slurm/cluster-up.sh")
+    config = tmp_path / "gpu.yaml"
+    config.write_text(
+        f"save_dir: {tmp_path / 'run'}\nschema: gz_decals_dr5\ncatalog: {dr5_catalog}\ngpus: 1\n"
+        "num_workers: 0\nslurm:\n  time: '10:00'\n  mem: 2G\n"
+    )
+    from zoobot_hpc.config import hardware_spec, load_config
+    from zoobot_hpc.slurm import render_train_script
+
+    script = tmp_path / "gpu.sh"
+    script.write_text(render_train_script(config, hardware_spec(load_config(config)), log_dir=str(tmp_path)))
+    start = time.monotonic()
+    job_id = sbatch(str(script))
+    log = tmp_path / f"gpu-{job_id}.out"
+    state = wait_job(job_id, 120, log)
+    text = log.read_text()
+    assert state == "FAILED", text
+    assert "CUDA_VISIBLE_DEVICES=0), but CUDA cannot use any of them" in text
+    assert "srun nvidia-smi" in text and "Traceback" not in text
+    assert time.monotonic() - start < 90
+
+
+def test_mismatched_spec_refused_before_submission(cluster, dr5_catalog, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        f"save_dir: {tmp_path / 'run'}\nschema: gz_decals_dr5\ncatalog: {dr5_catalog}\ngpus: 2\n"
+        "slurm:\n  extra_sbatch: ['--ntasks-per-node=1']\n"
+    )
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-m", "zoobot_hpc", "submit", "--executor", "sbatch", "--config", str(config)],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--ntasks-per-node" in out.stderr and "must equal the devices per node" in out.stderr
+    from zoobot_hpc import launch
+    from zoobot_hpc.hardware import HardwareError
+
+    with pytest.raises(HardwareError, match="must equal the devices per node"):
+        launch.train(config, executor="slurm")
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)
+
+
+def test_sbatch_override_of_ntasks_fails_at_job_start(cluster, dr5_catalog):
+    """`sbatch --ntasks-per-node=1 jobs/train_dr5.sh` would freeze DDP; the job stops with why."""
+    env = job_env(ZOOBOT_CATALOG=str(dr5_catalog), ZOOBOT_SET=TINY)
+    job_id = sbatch("--ntasks-per-node=1", "jobs/train_dr5.sh", env=env)
+    log = ROOT / "jobs" / "logs" / f"train_dr5-{job_id}.out"
+    state = wait_job(job_id, 90, log)
+    text = log.read_text()
+    assert state == "FAILED", text
+    assert "--ntasks-per-node=1 but the spec has 2 device(s) per node" in text
+
+
+def test_submitting_from_inside_a_job_does_not_leak(cluster, tmp_path):
+    """A job that submits a job: the child sees its own allocation, not the parent's."""
+    child = tmp_path / "child.sh"
+    child.write_text(
+        f"#!/bin/bash\n#SBATCH --ntasks=1 --output={tmp_path}/child-%j.out\necho CHILD_NTASKS=$SLURM_NTASKS\n"
+    )
+    code = f"from zoobot_hpc.slurm import sbatch; print('CHILD', sbatch({str(child)!r}))"
+    parent = sbatch(
+        "--ntasks-per-node=3",
+        f"--output={tmp_path}/parent-%j.out",
+        f'--wrap={sys.executable} -c "{code}"',
+    )
+    log = tmp_path / f"parent-{parent}.out"
+    text = assert_completed(parent, log, timeout=60)
+    child_id = re.search(r"CHILD (\d+)", text).group(1)
+    child_text = assert_completed(child_id, tmp_path / f"child-{child_id}.out", timeout=60)
+    assert "CHILD_NTASKS=1" in child_text
+
+
+def _prediction_available() -> str | None:
+    try:
+        from zoobot_hpc import prediction
+
+        if not hasattr(prediction, "merge_parts"):
+            return "zoobot_hpc.prediction has no merge_parts yet"
+    except ImportError as err:
+        return f"zoobot_hpc.prediction is not available yet ({err})"
+    return None
+
+
+def test_prediction_job_array_and_merge(dr5_run, dr5_catalog, tmp_path):
+    problem = _prediction_available()
+    if problem:
+        pytest.skip(problem)
+    best = sorted((dr5_run["save_dir"] / "checkpoints").glob("epoch=*.ckpt"))[-1]
+    output = tmp_path / "predictions.parquet"
+    env = job_env(
+        ZOOBOT_CHECKPOINT=str(best),
+        ZOOBOT_IMAGES=str(dr5_catalog),
+        ZOOBOT_PREDICTIONS=str(tmp_path / "parts"),
+        ZOOBOT_OUTPUT=str(output),
+        ZOOBOT_SHARDS="3",
+        ZOOBOT_N_SAMPLES="2",
+        ZOOBOT_GPUS="0",
+        ZOOBOT_NUM_WORKERS="0",
+    )
+    out = subprocess.run(["bash", "jobs/predict_array.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    _array_id, merge_id = out.stdout.strip().splitlines()[-1].split()
+    log = ROOT / "jobs" / "logs" / f"predict_array-merge-{merge_id}.out"
+    assert_completed(merge_id, log, timeout=240)
+    assert len(list((tmp_path / "parts").glob("part-*-of-*.parquet"))) == 3
+    merged = pd.read_parquet(output)
+    assert set(merged["id_str"]) == set(pd.read_csv(dr5_catalog)["id_str"])
+
+
+def test_submitit_prediction_map_array(dr5_run, dr5_catalog, tmp_path):
+    problem = _prediction_available()
+    if problem:
+        pytest.skip(problem)
+    from zoobot_hpc import launch
+    from zoobot_hpc.hardware import HardwareSpec
+
+    best = sorted((dr5_run["save_dir"] / "checkpoints").glob("epoch=*.ckpt"))[-1]
+    output = tmp_path / "merged.parquet"
+    jobs = launch.predict(
+        best,
+        dr5_catalog,
+        tmp_path / "parts",
+        num_shards=3,
+        spec=HardwareSpec(gpus=0, num_workers=0, time="10:00", mem="2G"),
+        output=output,
+        n_samples=2,
+    )
+    assert len(jobs) == 3
+    merged = pd.read_parquet(output)
+    assert len(merged) == len(pd.read_csv(dr5_catalog))
