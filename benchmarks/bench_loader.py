@@ -1,0 +1,213 @@
+"""CPU side of the training pipeline, images/s: ours vs galaxy-datasets' CatalogDataModule.
+
+Files: ../shared/data/decals_rings (370 JPEGs, 424 px). Batch 64, 2 workers, grey, 224 px output,
+train loaders (shuffle, drop_last), several epochs per repetition, repetitions interleaved.
+
+- ours (package): `GalaxyDataset` + `LoaderSettings.loader` -> uint8 (64, 1, 424, 424) batches; grey is
+  the unweighted mean of R, G, B after an RGB decode (`load_image`). Augmentation runs after the
+  transfer, on the model's device, so it is timed on its own: `GalaxyAugment(224)(batch, train=True)`.
+- ours, decode to grey (prototype, not in the package): the same loader with `decode_jpeg(...,
+  mode=GRAY)` (weighted luminance, as libjpeg computes it) instead of RGB decode + mean.
+- peer: `CatalogDataModule(train_transform=...)` with the same augmentation in galaxy-datasets' own
+  transform builder: grey, RandomResizedCrop scale (0.7, 0.8) ratio (0.9, 1.1) to 224, rotation, flips,
+  float32 output; run in the peer venv (Pillow decode in its workers).
+- decode limit: one process, one thread, read + `decode_jpeg(mode=GRAY)` per file; plus the parts
+  (reading files, RGB decode + mean, batched decode).
+
+Targets: ours >= 3x peer and >= 50% of (decode limit x workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import SHARED_RINGS, Peer, machine, median, set_threads, spread
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from zoobot_hpc.augment import GalaxyAugment
+from zoobot_hpc.catalog import read_catalog
+from zoobot_hpc.data import GalaxyDataset, ImageError, LoaderSettings
+from zoobot_hpc.schema import load_schema
+
+BATCH, WORKERS, PREFETCH = 64, 2, 4
+
+
+class GreyDecodeDataset(GalaxyDataset):
+    """Prototype of the proposed `load_image` grey path: decode straight to one channel."""
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        path = str(self.file_locs[index])
+        with open(path, "rb") as f:
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        try:
+            image = decode_jpeg(data, mode=ImageReadMode.GRAY)
+        except RuntimeError as err:
+            raise ImageError(f"image {path} cannot be decoded") from err
+        item = {"image": image, "index": index}
+        if self.votes is not None:
+            item["votes"] = torch.from_numpy(self.votes[index])
+        return item
+
+
+def run_epochs(loader, epochs: int) -> tuple[int, float]:
+    images, start = 0, time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            images += batch["image"].shape[0]
+    return images, time.perf_counter() - start
+
+
+def decode_limits(paths: list[str], rounds: int) -> dict[str, float]:
+    """Single-process, single-thread images/s of reading and decoding the same files."""
+    torch.set_num_threads(1)
+    blobs = []
+    for p in paths:
+        with open(p, "rb") as f:
+            blobs.append(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8))
+    n = len(paths) * rounds
+    out: dict[str, list[float]] = {}
+
+    def timed(name: str, fn) -> None:
+        start = time.perf_counter()
+        for _ in range(rounds):
+            fn()
+        out.setdefault(name, []).append(n / (time.perf_counter() - start))
+
+    def read_only() -> None:
+        for p in paths:
+            with open(p, "rb") as f:
+                torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+    def read_decode_grey() -> None:
+        for p in paths:
+            with open(p, "rb") as f:
+                decode_jpeg(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), mode=ImageReadMode.GRAY)
+
+    def decode_grey() -> None:
+        for b in blobs:
+            decode_jpeg(b, mode=ImageReadMode.GRAY)
+
+    def decode_rgb_mean() -> None:
+        for b in blobs:
+            rgb = decode_jpeg(b, mode=ImageReadMode.RGB)
+            (rgb.sum(dim=0, keepdim=True, dtype=torch.int16) / 3).round().to(torch.uint8)
+
+    def decode_rgb_only() -> None:
+        for b in blobs:
+            decode_jpeg(b, mode=ImageReadMode.RGB)
+
+    def decode_grey_batched() -> None:
+        for i in range(0, len(blobs), BATCH):
+            decode_jpeg(blobs[i : i + BATCH], mode=ImageReadMode.GRAY)
+
+    for _ in range(3):
+        for name, fn in [
+            ("read files only", read_only),
+            ("read + decode_jpeg GRAY (the limit)", read_decode_grey),
+            ("decode_jpeg GRAY, bytes in memory", decode_grey),
+            ("decode_jpeg GRAY batched (lists of 64)", decode_grey_batched),
+            ("decode_jpeg RGB, bytes in memory", decode_rgb_only),
+            ("decode_jpeg RGB + unweighted mean (package)", decode_rgb_mean),
+        ]:
+            timed(name, fn)
+    return {k: median(v) for k, v in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs (320 images each) per repetition")
+    args = parser.parse_args()
+
+    catalog = read_catalog(SHARED_RINGS / "catalog.csv")
+    schema = load_schema("decals_rings")
+    paths = [str(p) for p in catalog["file_loc"]]
+    settings = LoaderSettings(batch_size=BATCH, num_workers=WORKERS, prefetch_factor=PREFETCH)
+
+    limits = decode_limits(paths, rounds=2)
+    set_threads(2)
+
+    ours_pkg = settings.loader(
+        GalaxyDataset.from_catalog(catalog, schema.label_cols, color=False, size=(424, 424)),
+        shuffle=True,
+        drop_last=True,
+    )
+    proto = GreyDecodeDataset.from_catalog(catalog, schema.label_cols, color=False, size=(424, 424))
+    ours_grey = settings.loader(proto, shuffle=True, drop_last=True)
+    peer = Peer(
+        "peer_loader.py",
+        {
+            "catalog": str(SHARED_RINGS / "catalog.csv"),
+            "label_cols": schema.label_cols,
+            "batch": BATCH,
+            "workers": WORKERS,
+            "prefetch": PREFETCH,
+        },
+    )
+    run_epochs(ours_pkg, 1)  # start workers, warm the page cache
+    run_epochs(ours_grey, 1)
+    peer.call(cmd="epochs", epochs=1)
+
+    rates: dict[str, list[float]] = {"ours": [], "ours_grey": [], "peer": []}
+    for _ in range(args.reps):
+        n, s = run_epochs(ours_pkg, args.epochs)
+        rates["ours"].append(n / s)
+        r = peer.call(cmd="epochs", epochs=args.epochs)
+        rates["peer"].append(r["images"] / r["seconds"])
+        n, s = run_epochs(ours_grey, args.epochs)
+        rates["ours_grey"].append(n / s)
+    peer_shape = peer.call(cmd="shape")
+    peer.close()
+
+    # augmentation after the transfer, here on the CPU fallback (2 threads)
+    augment = GalaxyAugment(224)
+    batch = next(iter(ours_pkg))["image"]
+    aug_rates = []
+    with torch.no_grad():
+        augment(batch, train=True)
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            for _ in range(3):
+                out = augment(batch, train=True)
+            aug_rates.append(3 * batch.shape[0] / (time.perf_counter() - start))
+    del ours_pkg, ours_grey
+
+    limit = limits["read + decode_jpeg GRAY (the limit)"]
+    ours, grey, peer_rate = median(rates["ours"]), median(rates["ours_grey"]), median(rates["peer"])
+    print(f"machine: {machine()}")
+    print(
+        f"files: {len(paths)} JPEGs {SHARED_RINGS} (424x424); batch {BATCH}, {WORKERS} workers, prefetch "
+        f"{PREFETCH}, grey, {args.epochs} epochs x 320 images per repetition, median of {args.reps}"
+    )
+    print("single process, 1 thread, images/s:")
+    for name, value in limits.items():
+        print(f"  {name:45s} {value:8.0f}")
+    print(
+        f"ours (package, RGB decode + mean), uint8 {tuple(batch.shape)} batches: {ours:7.0f} img/s "
+        f"{spread(rates['ours'])}"
+    )
+    print(
+        f"ours (prototype, decode to GRAY), uint8 batches:      {grey:7.0f} img/s "
+        f"{spread(rates['ours_grey'])}"
+    )
+    print(
+        f"peer (CatalogDataModule, Pillow + torchvision v2), float {peer_shape['shape']} batches: "
+        f"{peer_rate:7.0f} img/s {spread(rates['peer'])}"
+    )
+    print(
+        f"ours augmentation GalaxyAugment(224), batch 64, CPU 2 threads: {median(aug_rates):7.0f} img/s "
+        f"{spread(aug_rates)} -> {tuple(out.shape)} float"
+    )
+    both = 1 / (1 / ours + 1 / median(aug_rates))
+    print(f"(if the augmentation also ran on these 2 CPU cores, one after the other: {both:.0f} img/s)")
+    print(
+        f"RATIOS loader: ours/peer {ours / peer_rate:.2f}x (target >=3), ours/(limit x {WORKERS}) "
+        f"{ours / (limit * WORKERS):.0%} (target >=50%); GRAY-decode prototype: /peer "
+        f"{grey / peer_rate:.2f}x, /(limit x {WORKERS}) {grey / (limit * WORKERS):.0%}"
+    )
+
+
+if __name__ == "__main__":
+    main()

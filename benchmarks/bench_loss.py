@@ -1,0 +1,120 @@
+"""Loss forward + backward, batch 256, GZ DECaLS DR5 schema: ours vs Zoobot's per-question loss.
+
+Ours: `zoobot_hpc.loss.dirichlet_multinomial_nll` (all questions at once). Peer: Zoobot's
+`CustomMultiQuestionLoss` with `get_dirichlet_neg_log_prob` (a Python loop over questions), run in the
+peer venv on the same saved inputs. Values are also compared with a float64 pyro reference.
+Targets: >= 3x faster; values equal to relative 1e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import WORK, Peer, machine, median, set_threads, spread
+from votes import simulate_votes
+
+from zoobot_hpc.loss import dirichlet_multinomial_nll
+from zoobot_hpc.schema import load_schema
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--iters", type=int, default=200, help="forward+backward calls per repetition")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    WORK.mkdir(parents=True, exist_ok=True)
+
+    schema = load_schema("gz_decals_dr5")
+    votes = torch.from_numpy(simulate_votes(schema, args.batch, root_volunteers=40, seed=0))
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(args.batch, len(schema.label_cols), generator=generator) * 2
+    concentrations = (1 + 100 * torch.sigmoid(logits)).float()
+    inputs = WORK / "loss_inputs.pt"
+    torch.save(
+        {
+            "concentrations": concentrations,
+            "votes": votes,
+            "pairs": {q.name: [f"_{a}" for a in q.answers] for q in schema.questions},
+            "label_cols": schema.label_cols,
+        },
+        inputs,
+    )
+    groups = schema.answer_to_question_matrix
+
+    def ours_step(alpha: torch.Tensor) -> torch.Tensor:
+        per_question = dirichlet_multinomial_nll(alpha, votes, groups)
+        per_question.sum(dim=1).mean().backward()
+        return per_question
+
+    alpha = concentrations.clone().requires_grad_(True)
+    ours_values = ours_step(alpha).detach()
+    ours_grad = alpha.grad.clone()
+
+    peer = Peer(
+        "peer_loss.py",
+        {"inputs": str(inputs), "outputs": str(WORK / "loss_peer.pt"), "threads": args.threads},
+    )
+    peer_out = torch.load(WORK / "loss_peer.pt")
+    peer_values, peer_grad = peer_out["values"], peer_out["grad"]
+
+    # float64 reference, independent of both: pyro's DirichletMultinomial per question
+    from pyro.distributions import DirichletMultinomial
+
+    reference = torch.zeros_like(ours_values, dtype=torch.float64)
+    for j, q in enumerate(schema.questions):
+        k = votes[:, q.start : q.end].double()
+        a = concentrations[:, q.start : q.end].double()
+        reference[:, j] = -DirichletMultinomial(a, total_count=k.sum(1)).log_prob(k)
+
+    def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+        x, y = x.double(), y.double()
+        return float(((x - y).abs() / y.abs().clamp(min=1e-6)).max())
+
+    ours_times, peer_times = [], []
+    for _ in range(args.reps):  # interleaved: ours, peer, ours, peer, ...
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            alpha.grad = None
+            ours_step(alpha)
+        ours_times.append((time.perf_counter() - start) / args.iters * 1e3)
+        peer_times.append(peer.call(cmd="time", iters=args.iters)["ms"])
+    peer.close()
+
+    ours_ms, peer_ms = median(ours_times), median(peer_times)
+    asked = votes @ groups.long() > 0
+    print(f"machine: {machine()}; torch threads {args.threads}")
+    print(
+        f"batch {args.batch}, schema gz_decals_dr5 ({len(schema.label_cols)} answers, "
+        f"{len(schema.questions)} questions), "
+        f"40 volunteers at the root, {(~asked).float().mean():.0%} of galaxy-questions unasked"
+    )
+    print(f"ours forward+backward: {ours_ms:.3f} ms {spread(ours_times)} (median of {args.reps})")
+    print(f"peer forward+backward: {peer_ms:.3f} ms {spread(peer_times)} (zoobot {peer.ready['zoobot']})")
+    print(
+        f"max rel diff ours vs peer, per galaxy-question: {rel(ours_values, peer_values):.2e}; "
+        f"batch loss: {rel(ours_values.sum(1).mean(), peer_values.sum(1).mean()):.2e}"
+    )
+    print(
+        f"max rel diff vs float64 pyro reference: ours {rel(ours_values, reference):.2e}, "
+        f"peer {rel(peer_values, reference):.2e}"
+    )
+    print(f"max rel diff of gradients ours vs peer: {rel(ours_grad, peer_grad):.2e}")
+    print(
+        f"unasked questions exactly 0: ours {bool((ours_values[~asked] == 0).all())}, "
+        f"peer {bool((peer_values[~asked] == 0).all())}"
+    )
+    speed = peer_ms / ours_ms
+    print(
+        f"RATIOS loss: speed ours/peer {speed:.2f}x (target >=3: {'met' if speed >= 3 else 'NOT met'}); "
+        f"max rel diff {rel(ours_values, peer_values):.1e} (target 1e-5: "
+        f"{'met' if rel(ours_values, peer_values) <= 1e-5 else 'NOT met'})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The fast paths compute the same things as the straightforward ones (no timing here; speed is
+measured by benchmarks/):
+
+- the vectorised Dirichlet-Multinomial loss equals a per-question loop of pyro's
+  `DirichletMultinomial` log-probs, values and gradients, on random and edge-case votes;
+- the batched affine augmentation draws crop scale, aspect ratio, rotation and flips from the
+  configured bounds, and a known bright square covers the area fraction the crop scale implies;
+- MC dropout with the encoder run once equals n full forward passes when the dropout masks are the
+  same (same seed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zoobot_hpc.augment import GalaxyAugment
+from zoobot_hpc.galaxy_model import GalaxyZooModel
+from zoobot_hpc.loss import dirichlet_multinomial_nll
+from zoobot_hpc.schema import load_schema
+
+pyro_distributions = pytest.importorskip("pyro.distributions")
+
+
+def per_question_reference(concentrations: torch.Tensor, votes: torch.Tensor, schema) -> torch.Tensor:
+    """(galaxies, questions) negative log-likelihoods, one question at a time, float64, with pyro."""
+    columns = []
+    for question in schema.questions:
+        k = votes[:, question.start : question.end].double()
+        alpha = concentrations[:, question.start : question.end].double()
+        log_prob = pyro_distributions.DirichletMultinomial(alpha, total_count=k.sum(dim=1)).log_prob(k)
+        columns.append(torch.where(k.sum(dim=1) > 0, -log_prob, torch.zeros_like(log_prob)))
+    return torch.stack(columns, dim=1)
+
+
+def random_votes(schema, galaxies: int, generator: torch.Generator, max_votes: int) -> torch.Tensor:
+    """Counts per answer; about a third of the questions unasked (all zero) per galaxy."""
+    votes = torch.randint(0, max_votes + 1, (galaxies, len(schema.label_cols)), generator=generator)
+    for question in schema.questions:
+        unasked = torch.rand(galaxies, generator=generator) < 0.3
+        votes[unasked, question.start : question.end] = 0
+    return votes
+
+
+def edge_case_votes(schema, galaxies: int) -> torch.Tensor:
+    votes = torch.zeros(galaxies, len(schema.label_cols), dtype=torch.long)
+    for g in range(galaxies):
+        for j, question in enumerate(schema.questions):
+            kind = (g + j) % 5
+            if kind == 1:  # everyone gave the first answer
+                votes[g, question.start] = 40
+            elif kind == 2:  # a single vote on the last answer
+                votes[g, question.end - 1] = 1
+            elif kind == 3:  # very many votes, spread
+                votes[g, question.start : question.end] = 400
+            elif kind == 4:  # many votes on one answer only
+                votes[g, question.end - 1] = 1000
+            # kind 0: not asked
+    return votes
+
+
+def edge_case_concentrations(galaxies: int, answers: int) -> torch.Tensor:
+    """Concentrations at the head's extremes (just above 1, just below 101) and in between."""
+    values = torch.tensor([1.0001, 1.5, 10.0, 55.0, 100.9999])
+    index = torch.arange(galaxies * answers).reshape(galaxies, answers) % len(values)
+    return values[index]
+
+
+@pytest.mark.parametrize("schema_name", ["gz_decals_dr5", "gz2", "decals_rings"])
+@pytest.mark.parametrize("case", ["random", "edge"])
+def test_vectorised_loss_equals_per_question_pyro_loop(schema_name, case):
+    schema = load_schema(schema_name)
+    generator = torch.Generator().manual_seed(7)
+    galaxies, answers = 64, len(schema.label_cols)
+    if case == "random":
+        votes = random_votes(schema, galaxies, generator, max_votes=60)
+        concentrations = 1 + 100 * torch.sigmoid(3 * torch.randn(galaxies, answers, generator=generator))
+    else:
+        votes = edge_case_votes(schema, galaxies)
+        concentrations = edge_case_concentrations(galaxies, answers)
+
+    fast_input = concentrations.float().clone().requires_grad_(True)
+    fast = dirichlet_multinomial_nll(fast_input, votes, schema.answer_to_question_matrix)
+    fast.sum(dim=1).mean().backward()
+
+    slow_input = concentrations.float().double().clone().requires_grad_(True)
+    slow = per_question_reference(slow_input, votes, schema)
+    slow.sum(dim=1).mean().backward()
+
+    assert fast.shape == slow.shape == (galaxies, len(schema.questions))
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast.double(), slow.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_input.grad.double(), slow_input.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_unasked_questions_give_exact_zero_loss_and_gradient():
+    schema = load_schema("gz_decals_dr5")
+    votes = edge_case_votes(schema, 10)
+    concentrations = edge_case_concentrations(10, len(schema.label_cols)).requires_grad_(True)
+    loss = dirichlet_multinomial_nll(concentrations, votes, schema.answer_to_question_matrix)
+    loss.sum().backward()
+    asked = (votes @ schema.answer_to_question_matrix.long()) > 0
+    assert (loss[~asked] == 0).all()
+    unasked_answers = (asked.long() @ schema.answer_to_question_matrix.long().T) == 0
+    assert (concentrations.grad[unasked_answers] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------- augmentation
+SCALE, RATIO = (0.7, 0.8), (0.9, 1.1)
+
+
+def test_sampled_crop_parameters_follow_the_configured_bounds():
+    augment = GalaxyAugment(224, SCALE, RATIO)
+    params = augment.sample_params(200_000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    scale, ratio, angle = params["scale"], params["ratio"], params["angle"]
+    assert SCALE[0] <= scale.min() and scale.max() <= SCALE[1]
+    assert abs(scale.mean().item() - sum(SCALE) / 2) < 1e-3
+    assert abs(scale.var().item() - (SCALE[1] - SCALE[0]) ** 2 / 12) < 1e-4  # uniform
+    # aspect ratio log-uniform within the bounds, as torchvision's RandomResizedCrop
+    assert RATIO[0] - 1e-6 <= ratio.min() and ratio.max() <= RATIO[1] + 1e-6
+    log_mid = (math.log(RATIO[0]) + math.log(RATIO[1])) / 2
+    assert abs(ratio.log().mean().item() - log_mid) < 1e-3
+    # rotation uniform over the full circle, flips half the time
+    assert angle.min() >= 0 and angle.max() < 2 * math.pi
+    assert abs(angle.mean().item() - math.pi) < 0.02
+    assert abs(torch.cos(angle).mean().item()) < 0.01 and abs(torch.sin(angle).mean().item()) < 0.01
+    assert abs(params["flip"].float().mean().item() - 0.5) < 0.01
+    assert params["offset_x"].abs().max() <= 1 and params["offset_y"].abs().max() <= 1
+
+
+@pytest.mark.parametrize("height, width", [(424, 424), (400, 440)])
+def test_affine_maps_cover_the_sampled_area_and_aspect_ratio(height, width):
+    """In normalised coordinates the output square maps to a parallelogram of area fraction `scale`
+    of the input, with side lengths in the sampled aspect ratio (in pixels) and right angles."""
+    augment = GalaxyAugment(224, SCALE, RATIO)
+    params = augment.sample_params(5_000, torch.device("cpu"), torch.Generator().manual_seed(1))
+    theta = augment.affine_matrices(params, height, width).double()
+    linear = theta[:, :, :2]
+    area_fraction = torch.linalg.det(linear).abs()  # both squares are [-1, 1]^2 before the map
+    expected = params["scale"].double()
+    limited = (torch.sqrt(expected * height * width * params["ratio"]) <= width) & (
+        torch.sqrt(expected * height * width / params["ratio"]) <= height
+    )
+    assert limited.all()  # the default bounds never clamp on these shapes
+    torch.testing.assert_close(area_fraction[limited], expected[limited], rtol=1e-5, atol=0)
+    pixels = linear * torch.tensor([width / 2, height / 2], dtype=torch.float64).view(1, 2, 1)
+    side_u, side_v = pixels[:, :, 0].norm(dim=1), pixels[:, :, 1].norm(dim=1)
+    torch.testing.assert_close(
+        (side_u / side_v)[limited], params["ratio"].double()[limited], rtol=1e-5, atol=0
+    )
+    dot = (pixels[:, :, 0] * pixels[:, :, 1]).sum(dim=1)
+    assert (dot.abs() / (side_u * side_v)).max() < 1e-6  # rotation + crop: no shear
+    # the crop stays inside the rotated image: its centre is at most the free room away
+    assert (theta[:, :, 2].abs() <= 1).all()
+
+
+def test_bright_square_covers_the_area_fraction_the_crop_scale_implies():
+    """A 100 x 100 bright square in the middle of a dark 424 x 424 image: after augmentation it covers
+    (its area / crop area) of the output, whatever the rotation and flip, so its output fraction
+    times the image-to-square area ratio recovers the sampled crop scales' distribution."""
+    size, square = 424, 100
+    images = torch.zeros(512, 1, size, size, dtype=torch.uint8)
+    low = (size - square) // 2
+    images[:, :, low : low + square, low : low + square] = 255
+    augment = GalaxyAugment(224, SCALE, RATIO)
+    out = augment(images, train=True, generator=torch.Generator().manual_seed(2))
+    assert out.shape == (512, 1, 224, 224)
+    square_fraction = square**2 / size**2
+    implied_scale = square_fraction / out.mean(dim=(1, 2, 3)).double()
+    # each image: inside the bounds up to the bilinear edge of the square (a few percent)
+    assert implied_scale.min() > SCALE[0] * 0.97 and implied_scale.max() < SCALE[1] * 1.03
+    # the distribution: uniform on the bounds
+    assert abs(implied_scale.mean().item() - sum(SCALE) / 2) < 0.01
+    assert implied_scale.std().item() == pytest.approx((SCALE[1] - SCALE[0]) / math.sqrt(12), rel=0.25)
+
+
+def test_evaluation_transform_is_deterministic_at_the_mean_scale():
+    size, square = 424, 100
+    images = torch.zeros(2, 1, size, size, dtype=torch.uint8)
+    low = (size - square) // 2
+    images[:, :, low : low + square, low : low + square] = 255
+    augment = GalaxyAugment(224, SCALE, RATIO)
+    first, second = augment(images, train=False), augment(images, train=False)
+    assert torch.equal(first, second) and torch.equal(first[0], first[1])
+    implied_scale = (square**2 / size**2) / first.mean().item()
+    assert implied_scale == pytest.approx(sum(SCALE) / 2, rel=0.02)
+
+
+# ---------------------------------------------------------------------------------------- MC dropout
+@pytest.mark.parametrize("architecture", ["efficientnet", "resnet_detectron"])
+def test_encoder_once_mc_dropout_equals_full_passes_with_the_same_masks(architecture):
+    schema = load_schema("gz_decals_dr5")
+    torch.manual_seed(0)
+    model = GalaxyZooModel(
+        schema.to_dict(), architecture, channels=1, resize_size=64, dropout_rate=0.5
+    ).eval()
+    images = torch.randint(0, 256, (4, 1, 80, 80), dtype=torch.uint8)
+    n_samples = 5
+    with torch.no_grad():
+        # an untrained network's eval-mode features are ~1e-14: give batch norm real statistics
+        model.train()
+        for _ in range(3):
+            model.encode(model.augment(images, train=False))
+        model.eval()
+        model.head.linear.weight.mul_(50)  # and make dropout visible in the concentrations
+        pixels = model.augment(images, train=False)
+        torch.manual_seed(123)
+        features = model.encode(pixels)
+        fast = torch.stack([model.head(features, dropout=True) for _ in range(n_samples)], dim=1)
+        torch.manual_seed(123)
+        full = torch.stack([model(pixels, dropout=True) for _ in range(n_samples)], dim=1)
+        without = model(pixels, dropout=False)
+    assert fast.shape == (4, n_samples, len(schema.label_cols))
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    # the samples really differ (dropout was on) and differ from the dropout-free prediction
+    assert (fast[:, 0] - fast[:, 1]).abs().max() > 1e-3
+    assert (fast[:, 0] - without).abs().max() > 1e-3
