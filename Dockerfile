@@ -12,7 +12,7 @@
 #                    https://download.pytorch.org/whl/cpu gives a much smaller CPU-only image for laptops.
 #
 # The torch/torchvision versions are the pins in constraints.txt; the package itself keeps ranges.
-# See docs/containers.md for `docker run` examples and the Apptainer image (apptainer.def).
+# See the README (section Containers) for `docker run` examples and the Apptainer image (apptainer.def).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 

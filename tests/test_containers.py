@@ -224,7 +224,7 @@ def test_hadolint_config_gives_a_reason_for_each_ignored_rule():
 def test_documented_image_tag_is_the_one_apptainer_builds_from():
     definition = checker.parse((ROOT / "apptainer.def").read_text())
     assert definition.header["from"][0] == IMAGE_TAG
-    docs = (ROOT / "docs" / "containers.md").read_text()
+    docs = (ROOT / "README.md").read_text()
     assert f"docker build -t {IMAGE_TAG} ." in docs
     assert f"docker build -t {IMAGE_TAG} ." in (ROOT / "Dockerfile").read_text()
     assert f"IMAGE={IMAGE_TAG}" in (ROOT / ".ci" / "container.sh").read_text()

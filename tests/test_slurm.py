@@ -257,14 +257,14 @@ def test_requeue_resumes_from_last_checkpoint(cluster, dr5_catalog, tmp_path, in
     resumes from last.ckpt at the next epoch and finishes the requested epochs."""
     import torch
 
-    epochs = 2
+    epochs = 4  # the interrupt lands after epoch 0 is saved; three more epochs are the margin
     config = tmp_path / "requeue.yaml"
     save_dir = tmp_path / "run"
     config.write_text(
         f"save_dir: {save_dir}\nschema: gz_decals_dr5\ncatalog: {dr5_catalog}\ngpus: 2\naccelerator: cpu\n"
         f"num_workers: 0\nresize_size: 32\nbatch_size: 2\nepochs: {epochs}\npatience: 100\n"
         "prefetch_factor: 2\n"
-        "trainer_kwargs: {limit_train_batches: 3, limit_val_batches: 1, limit_test_batches: 1}\n"
+        "trainer_kwargs: {limit_train_batches: 6, limit_val_batches: 1, limit_test_batches: 1}\n"
         "slurm:\n  time: '20:00'\n  mem: 3G\n"
     )
     from zoobot_hpc.config import hardware_spec, load_config
@@ -279,7 +279,7 @@ def test_requeue_resumes_from_last_checkpoint(cluster, dr5_catalog, tmp_path, in
     while not last.exists():
         assert time.monotonic() < deadline, f"no last.ckpt after 180 s\n{tail(log)}"
         assert job_state(job_id) not in TERMINAL, tail(log)
-        time.sleep(0.5)
+        time.sleep(0.2)
     if interrupt == "scontrol-requeue":
         subprocess.run(["scontrol", "requeue", job_id], check=True)
     else:  # what --signal=USR1@N delivers to the job steps before the time limit
