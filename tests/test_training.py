@@ -18,7 +18,6 @@ from zoobot_hpc import GalaxyZooModel, train
 from zoobot_hpc.catalog import read_catalog
 from zoobot_hpc.config import load_config
 from zoobot_hpc.data import GalaxyDataModule, LoaderSettings
-from zoobot_hpc.errors import InputError
 from zoobot_hpc.training import read_metrics, read_splits
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
@@ -102,39 +101,6 @@ def test_architectures_output_one_concentration_per_answer(architecture, channel
     model = GalaxyZooModel(schema, model_architecture=architecture, channels=channels, resize_size=32).eval()
     out = model(torch.rand(2, channels, 32, 32))
     assert out.shape == (2, 3) and bool(((out > 1) & (out < 101)).all())
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"model_architecture": "vit"}, "model_architecture='vit' is unknown; use one of efficientnet"),
-        ({"crop_scale_bounds": (0.8, 0.7)}, r"crop_scale_bounds=\(0.8, 0.7\): need 0 < low <= high <= 1"),
-        ({"crop_scale_bounds": (0.5, 1.5)}, "crop_scale_bounds"),
-        ({"crop_ratio_bounds": (1.1, 0.9)}, "crop_ratio_bounds"),
-        ({"batch_size": 0}, "batch_size=0"),
-        ({"gpus": -1}, "gpus=-1"),
-        ({"accelerator": "tpu"}, "accelerator='tpu'"),
-    ],
-)
-def test_bad_arguments_fail_before_any_work(tmp_path, demo_frame, kwargs, message):
-    settings = {**TINY, **kwargs}
-    with pytest.raises(InputError, match=message):
-        train(tmp_path, "decals_rings", catalog=demo_frame, **settings)
-    assert not (tmp_path / "checkpoints").exists()
-
-
-def test_unwritable_save_dir(tmp_path, demo_frame):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    with pytest.raises(InputError, match="is not writable"):
-        train(blocker / "run", "decals_rings", catalog=demo_frame, **TINY)
-
-
-def test_resize_larger_than_the_images_works(tmp_path, demo_frame):
-    model, _ = train(
-        tmp_path, "decals_rings", catalog=demo_frame.iloc[:40], epochs=1, **{**TINY, "resize_size": 160}
-    )
-    assert model.hparams.resize_size == 160
 
 
 def test_datamodule_batches_are_uint8_and_augmented_on_the_model(demo_frame):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from zoobot_hpc.errors import RunError
 
 
 @contextlib.contextmanager
@@ -34,6 +37,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         _fsync_dir(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete what killed writers of `target` left (`.NAME.*.tmp`); call only when none is writing it."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -61,5 +70,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            folder = Path(path).parent
+            free_mb = shutil.disk_usage(folder).free / 2**20 if folder.is_dir() else 0.0
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path} ({err}); {free_mb:.0f} MB free in {folder}. Free space "
+                "there or choose another save_dir; earlier checkpoints are intact (writes are atomic)"
+            ) from err
+
+
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (full disk, quota, permissions); the old files are intact."""

@@ -30,14 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zoobot_hpc.errors import InputError
+    from zoobot_hpc.errors import InputError, RunError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except InputError as err:
+    except (InputError, RunError) as err:
         print(f"zoobot-hpc {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, InputError) else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
 from zoobot_hpc.config import hardware_spec, load_config, train_kwargs
 
@@ -17,6 +19,17 @@ def add_cli_parser(subparsers: argparse._SubParsersAction) -> None:
         "validate", help="check a config, its schema and catalogs without training"
     )
     _add_config_arguments(validate)
+    validate.add_argument(
+        "--check-images",
+        action="store_true",
+        help="also open and decode every image, in parallel (minutes for a large catalog)",
+    )
+    validate.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes decoding images (default: all CPUs)",
+    )
     validate.set_defaults(func=run_validate)
 
     schemas = subparsers.add_parser("schemas", help="list the built-in schemas, or show one")
@@ -68,7 +81,28 @@ def run_validate(args: argparse.Namespace) -> int:
         f"train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} galaxies; "
         f"{spec.nodes} node(s) x {spec.ranks_per_node} rank(s) on {spec.resolved_accelerator}"
     )
+    if args.check_images:
+        return _check_images(splits, bool(kwargs.get("color", False)), args.workers)
     return 0
+
+
+def _check_images(splits: Any, color: bool, workers: int) -> int:
+    """Decode every image of every split; list the unreadable ones (all of them, in a file if many)."""
+    from zoobot_hpc.data import unreadable_images
+
+    locs = [loc for split in ("train", "val", "test") for loc in getattr(splits, split)["file_loc"]]
+    bad = unreadable_images(locs, color, workers)
+    if not bad:
+        print(f"ok: all {len(locs)} images decode")
+        return 0
+    print(f"error: {len(bad)} of {len(locs)} images cannot be decoded; the first {min(len(bad), 20)}:")
+    for loc, reason in bad[:20]:
+        print(f"  {loc}: {reason}")
+    print(
+        "Replace these files or remove their rows; or train with on_bad_image='skip' "
+        "(each skipped image is listed in save_dir/skipped_images.txt)"
+    )
+    return 2
 
 
 def run_schemas(args: argparse.Namespace) -> int:

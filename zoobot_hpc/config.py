@@ -8,9 +8,11 @@ only show up hours into a job.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
+import numbers
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,12 @@ from zoobot_hpc.hardware import HardwareSpec
 SLURM_SECTION = "slurm"
 HARDWARE_TRAIN_KEYS = ("nodes", "gpus", "num_workers", "mixed_precision", "accelerator")
 SLURM_KEYS = (*(f.name for f in dataclasses.fields(HardwareSpec) if f.name not in HARDWARE_TRAIN_KEYS), "env")
+NUMBER_RANGES = {  # float settings: what the optimizer and the head accept
+    "learning_rate": (lambda v: v > 0, "> 0, e.g. 0.001"),
+    "weight_decay": (lambda v: v >= 0, ">= 0, e.g. 0.05"),
+    "dropout_rate": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.2"),
+}
+EXAMPLES = {"save_dir": "outputs/run1", "schema": "gz_decals_dr5"}  # for the required keys
 
 
 class ConfigError(InputError):
@@ -83,7 +91,55 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
             target = target.setdefault(part, {})
         target[keys[-1]] = value
     validate_config(config, where=str(path) if path else "--set overrides")
+    return _read_floats(config)
+
+
+def _read_floats(config: dict[str, Any]) -> dict[str, Any]:
+    """Float settings written as `1e-4`: YAML 1.1 (PyYAML) reads them as strings, YAML 1.2 as numbers."""
+    defaults = train_arguments()
+    for key, value in config.items():
+        default = defaults[key].default if key in defaults else None
+        if isinstance(default, float) and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # else left as is: check_argument_types names it
+                config[key] = float(value)
     return config
+
+
+def check_argument_types(arguments: Mapping[str, Any]) -> None:
+    """Each setting whose default is a bool, int or float must be one (YAML quotes make strings).
+
+    `color: "no"` would otherwise train in colour (a non-empty string is true) and
+    `learning_rate: "1e-4x"` would fail only once the optimizer is built.
+    """
+    defaults = train_arguments()
+    for key, value in arguments.items():
+        default = defaults[key].default if key in defaults else None
+        if isinstance(default, bool):
+            _expect(isinstance(value, bool), key, value, "true or false", default)
+        elif isinstance(default, int):
+            _expect(_is_int(value), key, value, "a whole number", default)
+        elif isinstance(default, float):
+            _expect(_is_number(value), key, value, "a number", default)
+            rule, wanted = NUMBER_RANGES.get(key, (lambda v: True, ""))
+            if not rule(value):
+                raise ConfigError(f"{key}={value!r}: must be {wanted}")
+
+
+def _expect(ok: bool, key: str, value: Any, wanted: str, default: Any) -> None:
+    if not ok:
+        example = str(default).lower() if isinstance(default, bool) else default
+        raise ConfigError(
+            f"{key}={value!r} ({type(value).__name__}): must be {wanted}, e.g. {key}: {example} in YAML "
+            "(no quotes)"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def validate_config(config: Mapping[str, Any], where: str) -> None:
@@ -96,7 +152,14 @@ def validate_config(config: Mapping[str, Any], where: str) -> None:
 
 
 def train_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a config that `train()` takes."""
+    """The part of a config that `train()` takes; its required keys must be there."""
+    required = [k for k, p in train_arguments().items() if p.default is inspect.Parameter.empty]
+    absent = [k for k in required if config.get(k) is None]
+    if absent:
+        raise ConfigError(
+            f"the config has no {' or '.join(absent)}: set {'them' if len(absent) > 1 else 'it'} in the "
+            f"file or with --set, e.g. --set {absent[0]}={EXAMPLES.get(absent[0], '...')}"
+        )
     return {k: v for k, v in config.items() if k != SLURM_SECTION}
 
 

@@ -9,24 +9,33 @@ however many rows it has.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import resize
 
-from zoobot_hpc.errors import InputError
+from zoobot_hpc.errors import InputError, RunError
+from zoobot_hpc.interruptions import seed_step
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class ImageError(InputError):
     """An image file cannot be read or decoded; the message names the file."""
+
+
+class LoaderError(RunError):
+    """The DataLoader workers failed or stalled; the message says what to change."""
 
 
 def load_image(path: str, color: bool, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -79,23 +88,29 @@ def image_size(path: str) -> tuple[int, int]:
 
 
 class GalaxyDataset(Dataset):
-    """Images and (optionally) vote counts of one catalog split, indexed by row."""
+    """Images and (optionally) vote counts of one catalog split, indexed by row.
+
+    An unreadable image does not raise inside the worker (where its name would be buried in a
+    worker traceback): the item carries `ok=False`, a blank image and the error message, and the
+    main process applies the run's bad-image policy (`zoobot_hpc.bad_images`).
+    """
 
     def __init__(
         self,
         file_locs: np.ndarray,
         votes: np.ndarray | None,
         color: bool,
-        size: tuple[int, int] | None,
+        size: tuple[int, int],
     ) -> None:
         self.file_locs = np.asarray(file_locs, dtype=str)  # fixed-width unicode: no Python objects
         self.votes = None if votes is None else np.ascontiguousarray(votes, dtype=np.int32)
         self.color = color
         self.size = size
+        self.blank = torch.zeros((3 if color else 1, *size), dtype=torch.uint8)
 
     @classmethod
     def from_catalog(
-        cls, catalog: pd.DataFrame, label_cols: list[str] | None, color: bool, size: tuple[int, int] | None
+        cls, catalog: pd.DataFrame, label_cols: list[str] | None, color: bool, size: tuple[int, int]
     ) -> GalaxyDataset:
         votes = catalog[label_cols].to_numpy() if label_cols else None
         return cls(catalog["file_loc"].to_numpy(dtype=str), votes, color, size)
@@ -103,11 +118,49 @@ class GalaxyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.file_locs)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"image": load_image(str(self.file_locs[index]), self.color, self.size), "index": index}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            image, ok, error = load_image(str(self.file_locs[index]), self.color, self.size), True, ""
+        except ImageError as err:
+            image, ok, error = self.blank, False, str(err)
+        item = {"image": image, "index": index, "ok": ok, "error": error}
         if self.votes is not None:
             item["votes"] = torch.from_numpy(self.votes[index])
         return item
+
+
+def common_image_size(file_locs: Sequence[str], fallback: int | None = None) -> tuple[int, int]:
+    """The size every image is brought to so batches stack: that of the first readable image."""
+    for loc in file_locs[:50]:
+        try:
+            return image_size(loc)
+        except ImageError:
+            continue
+    if fallback is None:
+        raise ImageError(
+            f"none of the first {min(50, len(file_locs))} images can be opened "
+            f"(the first is {file_locs[0]}); check the file_loc paths (zoobot-hpc validate --check-images)"
+        )
+    return fallback, fallback
+
+
+def unreadable_images(file_locs: Sequence[str], color: bool, num_workers: int) -> list[tuple[str, str]]:
+    """(file, reason) of every image that cannot be decoded, checked in parallel with a progress bar."""
+    from tqdm.auto import tqdm
+
+    locs = np.asarray(file_locs, dtype=str)
+    dataset = GalaxyDataset(locs, None, color, common_image_size(list(locs), fallback=64))
+    loader = LoaderSettings(batch_size=32, num_workers=num_workers, prefetch_factor=2).loader(dataset)
+    bad: list[tuple[str, str]] = []
+    with tqdm(total=len(locs), unit="img", desc="decoding", disable=None) as bar:
+        for batch in loader:
+            for index, ok, error in zip(
+                batch["index"].tolist(), batch["ok"].tolist(), batch["error"], strict=True
+            ):
+                if not ok:
+                    bad.append((str(locs[index]), error))
+            bar.update(len(batch["index"]))
+    return bad
 
 
 @dataclass
@@ -118,12 +171,15 @@ class LoaderSettings:
     pin_memory: bool = False
     timeout_s: float = 600.0
 
-    def loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def loader(
+        self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, sampler: Any = None
+    ) -> DataLoader:
         workers = self.num_workers > 0
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if workers else None,
@@ -131,6 +187,32 @@ class LoaderSettings:
             pin_memory=self.pin_memory,
             timeout=self.timeout_s if workers else 0,
         )
+
+
+@contextlib.contextmanager
+def loader_errors_explained(settings: LoaderSettings) -> Iterator[None]:
+    """Turn PyTorch's terse DataLoader failures into what happened and what to change."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if "DataLoader timed out" in text:
+            for worker in multiprocessing.active_children():  # a stuck worker would also block exit
+                worker.kill()
+            raise LoaderError(
+                f"no batch arrived from the DataLoader workers for {settings.timeout_s:g} s: "
+                "an image read is hanging (a stalled network filesystem, a FIFO or device file in "
+                "the catalog) or a worker is stuck. Check that the images are readable "
+                "(zoobot-hpc validate --check-images), or raise loader_timeout if the filesystem "
+                "is just slow"
+            ) from err
+        if "DataLoader worker" in text and ("killed" in text or "exited unexpectedly" in text):
+            raise LoaderError(
+                f"a DataLoader worker died ({text.strip()}); most often the job ran out of memory: lower "
+                f"num_workers (now {settings.num_workers}) or prefetch_factor "
+                f"(now {settings.prefetch_factor}), or ask Slurm for more memory (slurm: mem)"
+            ) from err
+        raise
 
 
 class GalaxyDataModule(pl.LightningDataModule):
@@ -144,24 +226,43 @@ class GalaxyDataModule(pl.LightningDataModule):
         label_cols: list[str],
         color: bool,
         loader: LoaderSettings,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.frames = {"train": train, "val": val, "test": test}
         self.label_cols = label_cols
         self.color = color
         self.loader_settings = loader
-        self.image_size = image_size(str(train["file_loc"].iloc[0]))
+        self.seed = seed
+        self.image_size = common_image_size(train["file_loc"].to_numpy(dtype=str))
         self.datasets = {
             split: GalaxyDataset.from_catalog(frame, label_cols, color, self.image_size)
             for split, frame in self.frames.items()
         }
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Before each training batch is augmented: reseed from (seed, step, rank), for exact resume."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            seed_step(self.seed, trainer.global_step, trainer.global_rank)
+        return batch
+
     def ids(self, split: str, indices: torch.Tensor) -> list[str]:
         return [str(i) for i in self.frames[split]["id_str"].to_numpy()[indices.cpu().numpy()]]
 
     def train_dataloader(self) -> DataLoader:
-        drop_last = len(self.datasets["train"]) > self.loader_settings.batch_size
-        return self.loader_settings.loader(self.datasets["train"], shuffle=True, drop_last=drop_last)
+        """Shuffled by a sampler seeded with (seed, epoch): a resumed run sees the same order."""
+        dataset = self.datasets["train"]
+        trainer = self.trainer
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=True,
+            seed=self.seed,
+        )
+        drop_last = len(sampler) > self.loader_settings.batch_size
+        return self.loader_settings.loader(dataset, sampler=sampler, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader_settings.loader(self.datasets["val"], shuffle=False)

@@ -7,6 +7,7 @@ needs no other argument.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,13 +15,16 @@ import pytorch_lightning as pl
 import torch
 
 from zoobot_hpc.augment import GalaxyAugment
-from zoobot_hpc.errors import InputError
+from zoobot_hpc.bad_images import check_policy
+from zoobot_hpc.errors import InputError, RunError
 from zoobot_hpc.loss import dirichlet_multinomial_nll
 from zoobot_hpc.models import DirichletHead, build_encoder
 from zoobot_hpc.schema import Schema
 
+log = logging.getLogger(__name__)
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(RunError):
     """The loss became NaN or infinite; raised before the weights are updated with it."""
 
 
@@ -37,10 +41,14 @@ class GalaxyZooModel(pl.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.05,
         channels_last: bool = False,
+        on_nonfinite_loss: str = "error",
         package_version: str = "",
     ) -> None:
         super().__init__()
+        check_policy("on_nonfinite_loss", on_nonfinite_loss)
         self.save_hyperparameters()
+        self.skipped_steps = 0
+        self._skip_update = False
         self.schema = Schema.from_dict(schema)
         self.encoder, n_features = build_encoder(model_architecture, channels)
         self.head = DirichletHead(n_features, len(self.schema.label_cols), dropout_rate)
@@ -78,21 +86,54 @@ class GalaxyZooModel(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._losses(batch).sum(dim=1).mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the training loss is {loss.item()} at step {self.global_step}; galaxies in the batch: "
-                f"{', '.join(self._batch_ids('train', batch)[:20])}. Check their images and votes, or lower "
-                "learning_rate; the weights were not updated with this loss"
-            )
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        # every rank must take the same decision, or DDP waits forever on the rank that stopped
+        nonfinite = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
+        if nonfinite:
+            self._skip_update = self._nonfinite_loss(loss, batch)
+            return loss
+        self.log(
+            "train_loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(batch["votes"]),
+        )
         return loss
+
+    def _nonfinite_loss(self, loss: torch.Tensor, batch: dict[str, Any]) -> bool:
+        """Raise (policy `error`) or count the step as skipped (policy `skip`)."""
+        ids = ", ".join(self._batch_ids("train", batch)[:20])
+        where = f"the training loss is {loss.item()} at step {self.global_step}; galaxies in the batch: {ids}"
+        if self.hparams.on_nonfinite_loss == "error":
+            raise NonFiniteLossError(
+                f"{where}. Check their images and votes, or lower learning_rate, or set "
+                "on_nonfinite_loss='skip' to skip such steps; the weights were not updated with this loss"
+            )
+        self.skipped_steps += 1
+        log.warning("%s: step skipped (%d so far), the weights were not updated", where, self.skipped_steps)
+        self.log("skipped_nonfinite_steps", float(self.skipped_steps), reduce_fx="max", batch_size=1)
+        return True
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        """The default step, unless training_step found a non-finite loss: then no update at all."""
+        result = optimizer_closure()  # forward + backward (collective under DDP, so every rank runs it)
+        if self._skip_update:
+            self._skip_update = False
+            optimizer.zero_grad()
+            return
+        optimizer.step(closure=lambda: result)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         per_question = self._losses(batch)
         loss = per_question.sum(dim=1).mean()
-        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True)
+        size = len(batch["votes"])
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=size)
         for name, value in zip(self.schema.question_names, per_question.mean(dim=0), strict=True):
-            self.log(f"{stage}_loss/{name}", value, sync_dist=True)
+            self.log(f"{stage}_loss/{name}", value, sync_dist=True, batch_size=size)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from zoobot_hpc.errors import InputError
+from zoobot_hpc.errors import InputError, InputWarning
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 REQUEUE_SIGNAL = "USR1"  # Lightning's SLURMEnvironment listens for this one
@@ -341,6 +342,35 @@ class HardwareSpec:
                 "`srun --kill-on-bad-exit=1 python -m zoobot_hpc train ...` (the rendered job scripts do)"
             )
 
+    def check_machine(self, environ: Mapping[str, str] | None = None) -> None:
+        """Outside Slurm (where `check_job` checks the allocation): this machine against the spec.
+
+        Refuses more GPUs per node than this machine shows (Lightning would stop later with "No
+        supported gpu backend found"); warns when the loader workers of all ranks outnumber the CPUs.
+        """
+        env = os.environ if environ is None else environ
+        if "SLURM_JOB_ID" in env:
+            return
+        if self.resolved_accelerator == "gpu":
+            visible = _visible_gpus()
+            if visible < self.ranks_per_node:
+                fewer = f"gpus to at most {visible}, or " if visible else ""
+                raise HardwareError(
+                    f"gpus={self.gpus} but this machine shows {visible} GPU(s) "
+                    f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')}); set {fewer}gpus=0 "
+                    "to train on the CPU (or check `nvidia-smi` and that torch is a CUDA build)"
+                )
+        cpus = _available_cpus(env)
+        workers = self.num_workers * self.ranks_per_node
+        if cpus is not None and workers > cpus:
+            warnings.warn(
+                f"num_workers={self.num_workers} x {self.ranks_per_node} rank(s) = {workers} loader "
+                f"processes but this process may use {cpus} CPU(s); they will compete. Set num_workers "
+                f"to at most {max(0, cpus // self.ranks_per_node - 1)}",
+                InputWarning,
+                stacklevel=2,
+            )
+
     def _check_cpus(self, env: Mapping[str, str]) -> None:
         cpus = _available_cpus(env)
         if cpus is not None and self.num_workers > cpus:
@@ -419,6 +449,15 @@ def _available_cpus(env: Mapping[str, str]) -> int | None:
     if count is None and env is os.environ and hasattr(os, "sched_getaffinity"):
         count = len(os.sched_getaffinity(0))
     return count
+
+
+def _visible_gpus() -> int:
+    """CUDA devices torch can use, or 1 for Apple's MPS (Lightning's "gpu" accelerator takes either)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return int(torch.backends.mps.is_available())
 
 
 def _inside_slurm_step(env: Mapping[str, str]) -> bool:

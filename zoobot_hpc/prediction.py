@@ -18,9 +18,9 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,25 +34,29 @@ import pyarrow.parquet as pq
 import torch
 
 from zoobot_hpc import __version__
-from zoobot_hpc.atomic import atomic_path, write_text
+from zoobot_hpc.atomic import atomic_path, remove_stale_temporaries, write_text
+from zoobot_hpc.bad_images import check_policy, write_skip_list
 from zoobot_hpc.catalog import CatalogError, find_problems, read_catalog
-from zoobot_hpc.data import IMAGE_SUFFIXES, GalaxyDataset, ImageError, LoaderSettings, image_size, load_image
+from zoobot_hpc.checkpoint import CheckpointError
+from zoobot_hpc.data import (
+    IMAGE_SUFFIXES,
+    GalaxyDataset,
+    ImageError,
+    LoaderSettings,
+    common_image_size,
+    loader_errors_explained,
+)
 from zoobot_hpc.errors import InputError
 from zoobot_hpc.schema import Schema
 
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"zoobot_hpc"
-BAD_IMAGE_POLICIES = ("error", "skip")
 PART_PATTERN = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
 # metadata that must agree between parts of one prediction run
 RUN_KEYS = ("checkpoint_sha256", "schema", "n_samples", "dropout", "inputs", "inputs_sha256", "num_shards")
 
 ImagesLike = str | Path | pd.DataFrame | Sequence[str | Path]
-
-
-class CheckpointError(InputError):
-    """A checkpoint file is missing, corrupt or not a zoobot-hpc checkpoint."""
 
 
 class PredictionError(InputError):
@@ -65,6 +69,12 @@ def load_model(checkpoint: str | Path) -> Any:
     from zoobot_hpc.galaxy_model import GalaxyZooModel
 
     path = Path(checkpoint).expanduser()
+    if path.is_dir():  # often a run's save_dir
+        found = sorted([*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")])[:3]
+        raise CheckpointError(
+            f"checkpoint {path} is a folder; give the path of one .ckpt file"
+            + (f", e.g. {', '.join(map(str, found))}" if found else "")
+        )
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist; give the path of a .ckpt file from training"
@@ -160,7 +170,13 @@ def _folder_inputs(folder: Path) -> pd.DataFrame:
         key=lambda p: p.relative_to(folder).as_posix(),
     )
     if not files:
-        raise PredictionError(f"no images in {folder} (searched recursively for {', '.join(IMAGE_SUFFIXES)})")
+        others = sorted({p.suffix.lower() or p.name for p in folder.rglob("*") if p.is_file()})
+        found = f"; it holds {', '.join(others[:5])} files" if others else ""
+        raise PredictionError(
+            f"no images in {folder} (searched recursively for {', '.join(IMAGE_SUFFIXES)}){found}. Give a "
+            "folder of PNG/JPEG images, or a catalog (CSV/Parquet with id_str, file_loc) or a list of "
+            "image files"
+        )
     names = [p.relative_to(folder).as_posix() for p in files]
     return _frame(files, names)
 
@@ -229,40 +245,6 @@ def ids_digest(ids: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------- predicting
-class _TolerantDataset(GalaxyDataset):
-    """Returns a blank image and the error message for an unreadable image instead of raising.
-
-    The main process then applies the bad-image policy: raising inside a DataLoader worker would
-    bury the file name in a worker traceback.
-    """
-
-    def __init__(self, file_locs: np.ndarray, color: bool, size: tuple[int, int]) -> None:
-        super().__init__(file_locs, None, color, size)
-        self.blank = torch.zeros((3 if color else 1, *size), dtype=torch.uint8)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path = str(self.file_locs[index])
-        try:
-            if (
-                os.path.isfile(path) and os.path.getsize(path) == 0
-            ):  # load_image fails on these with a ValueError
-                raise ImageError(f"image {path} is an empty file; replace it or remove it from the inputs")
-            image = load_image(path, self.color, self.size)
-        except ImageError as err:
-            return {"image": self.blank, "index": index, "ok": False, "error": str(err)}
-        return {"image": image, "index": index, "ok": True, "error": ""}
-
-
-def _common_size(file_locs: Sequence[str], fallback: int) -> tuple[int, int]:
-    """Size every image is brought to so batches stack: that of the first readable image."""
-    for loc in file_locs[:50]:
-        try:
-            return image_size(loc)
-        except ImageError:
-            continue
-    return fallback, fallback
-
-
 @dataclass
 class Predictions:
     """Samples of one run over some inputs, and the inputs it skipped."""
@@ -290,13 +272,18 @@ def predict_inputs(
     model = model.to(device).eval()
     locs = inputs["file_loc"].to_numpy(dtype=str)
     color = model.hparams.channels == 3
-    dataset = _TolerantDataset(locs, color, _common_size(list(locs), model.hparams.resize_size))
+    size = common_image_size(list(locs), fallback=model.hparams.resize_size)
+    dataset = GalaxyDataset(locs, None, color, size)
     settings = LoaderSettings(batch_size, num_workers, 2, pin_memory=device.type == "cuda", timeout_s=600)
     samples_per_image = n_samples if dropout else 1
     out = np.zeros((len(locs), samples_per_image, len(model.schema.label_cols)), dtype=np.float32)
     ok = np.zeros(len(locs), dtype=bool)
     skipped: list[dict[str, str]] = []
-    with _progress_bar(len(locs), progress, description) as bar, torch.inference_mode():
+    with (
+        _progress_bar(len(locs), progress, description) as bar,
+        torch.inference_mode(),
+        loader_errors_explained(settings),
+    ):
         for batch in settings.loader(dataset, shuffle=False):
             index = batch["index"].numpy()
             good = batch["ok"].numpy().astype(bool)
@@ -419,7 +406,7 @@ def write_predictions(pred: Predictions, schema: Schema, path: Path, metadata: d
         write_text(_meta_path(path), json.dumps(metadata, indent=1))
         with atomic_path(path) as tmp:
             _csv_frame(pred, schema).to_csv(tmp, index=False)
-    _write_skip_list(path, pred.skipped)
+    write_skip_list(skip_list_path(path), pred.skipped)
 
 
 def _meta_path(path: Path) -> Path:
@@ -428,15 +415,6 @@ def _meta_path(path: Path) -> Path:
 
 def skip_list_path(path: Path) -> Path:
     return path.with_name(path.name + ".skipped.txt")
-
-
-def _write_skip_list(path: Path, skipped: list[dict[str, str]]) -> None:
-    target = skip_list_path(path)
-    if not skipped:
-        target.unlink(missing_ok=True)
-        return
-    lines = [f"{s['id_str']}\t{s['file_loc']}\t{' '.join(s['reason'].split())}" for s in skipped]
-    write_text(target, "# id_str\tfile_loc\treason\n" + "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -521,6 +499,7 @@ def predict(
         output_format(save_path)
     elif save_path.suffix.lower() in (".parquet", ".pq", ".csv"):
         raise PredictionError(f"save_path {save_path}: with num_shards it is a folder for the part files")
+    _check_writable(save_path if num_shards else save_path.parent)
     model = load_model(checkpoint)
     inputs = resolve_inputs(images, model.schema)
     run_metadata = _run_metadata(checkpoint, model, inputs, n_samples, dropout, num_shards)
@@ -544,10 +523,23 @@ def predict(
         if part_is_complete(part, shard_inputs, run_metadata):
             _say(f"{part} is complete; skipping shard {k}", progress)
             continue
-        _remove_stale_temporaries(part)
+        remove_stale_temporaries(part)  # only this part's: other shards may be running
         metadata = {**run_metadata, "shard_index": k, "shard_rows": [start, end]}
         _predict_and_write(model, shard_inputs, part, metadata, settings, f"shard {k + 1}/{num_shards}")
     return save_path
+
+
+def _check_writable(folder: Path) -> None:
+    """Create the output folder and write a file there now, not after hours of prediction."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise PredictionError(
+            f"the output cannot be written to {folder} ({err.strerror or err}); choose a folder you can "
+            "write to"
+        ) from err
 
 
 def _check_arguments(
@@ -565,8 +557,7 @@ def _check_arguments(
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise PredictionError(f"{name}={value!r}: must be a whole number >= {low}")
-    if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise PredictionError(f"on_bad_image={on_bad_image!r}: use 'error' or 'skip'")
+    check_policy("on_bad_image", on_bad_image)
     if num_shards is None:
         if shard_index is not None:
             raise PredictionError(f"shard_index={shard_index} needs num_shards")
@@ -632,12 +623,6 @@ def _say(message: str, progress: bool) -> None:
         print(message, file=sys.stderr, flush=True)
     else:
         log.info(message)
-
-
-def _remove_stale_temporaries(part: Path) -> None:
-    """Temporary files a killed run left for this part (only this part: other shards may be running)."""
-    for stale in part.parent.glob(f".{part.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 def part_is_complete(part: Path, shard_inputs: pd.DataFrame, run_metadata: dict[str, Any]) -> bool:

@@ -6,6 +6,7 @@ order, so the label columns `{question}_{answer}` and the model's outputs line u
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,9 +20,18 @@ import yaml
 
 from zoobot_hpc.errors import InputError
 
+ENTRY_KEYS = ("question", "answers", "asked_after")
+
 
 class SchemaError(InputError):
     """A schema file or definition is malformed; the message names the entry."""
+
+
+def _suggestion(name: str, valid: Sequence[str]) -> str:
+    """' (did you mean X?)' for the closest valid name, preferring a column that ends in `name`."""
+    ending = [v for v in valid if v.endswith(f"_{name}")]
+    close = ending or difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,7 @@ class Schema:
             if not isinstance(question, str) or not question:
                 raise SchemaError(f"schema {name}: question name {question!r} must be a non-empty string")
             if not answers:
-                raise SchemaError(f"schema {name}: question {question!r} has no answers")
+                raise SchemaError(f"schema {name}: question {question!r} has no answers; list them")
             for answer in answers:
                 if not isinstance(answer, str) or not answer:
                     raise SchemaError(
@@ -70,7 +80,10 @@ class Schema:
                     )
                 column = f"{question}_{answer}"
                 if column in seen_columns:
-                    raise SchemaError(f"schema {name}: duplicate answer {column!r} in question {question!r}")
+                    raise SchemaError(
+                        f"schema {name}: duplicate answer {column!r} in question {question!r}; every "
+                        "label column {question}_{answer} must be unique: remove or rename one"
+                    )
                 seen_columns.add(column)
             if question not in dependencies:
                 raise SchemaError(
@@ -93,6 +106,7 @@ class Schema:
                 raise SchemaError(
                     f"schema {self.name}: question {question.name!r} is asked after unknown answer "
                     f"{question.asked_after!r}; it must be one of the label columns ({{question}}_{{answer}})"
+                    f"{_suggestion(str(question.asked_after), sorted(columns))}"
                 )
             parent_question[question.name] = self.question_of(question.asked_after).name
         for question in self.questions:
@@ -102,7 +116,10 @@ class Schema:
                 current = parent_question[current]
                 if current in path:
                     cycle = " -> ".join([*path, current])
-                    raise SchemaError(f"schema {self.name}: the questions form a cycle: {cycle}")
+                    raise SchemaError(
+                        f"schema {self.name}: the questions form a cycle: {cycle}; change the asked_after "
+                        "of one of them to an answer outside the cycle (or null for a question always asked)"
+                    )
                 path.append(current)
 
     @classmethod
@@ -118,8 +135,14 @@ class Schema:
             if not isinstance(entry, Mapping) or "question" not in entry:
                 raise SchemaError(f"schema {name}: questions[{i}] needs 'question', 'answers', 'asked_after'")
             question = entry["question"]
+            unknown = [str(k) for k in entry if k not in ENTRY_KEYS]
+            if unknown:
+                raise SchemaError(
+                    f"schema {name}: question {question!r} has unknown key {unknown[0]!r}"
+                    f"{_suggestion(unknown[0], ENTRY_KEYS)}; its keys are {', '.join(ENTRY_KEYS)}"
+                )
             if question in pairs:
-                raise SchemaError(f"schema {name}: question {question!r} is defined twice")
+                raise SchemaError(f"schema {name}: question {question!r} is defined twice; merge or rename")
             answers = entry.get("answers") or []
             if not isinstance(answers, list):
                 raise SchemaError(f"schema {name}: answers of {question!r} must be a list")
@@ -224,6 +247,11 @@ def load_schema(schema: str | Path | Schema | Mapping[str, Any]) -> Schema:
     if isinstance(schema, Mapping):
         return Schema.from_dict(schema)
     text_name = str(schema)
+    if not text_name:
+        raise SchemaError(
+            f"no schema given: set schema to a built-in name ({', '.join(builtin_schema_names())}) "
+            "or the path of a YAML file"
+        )
     if text_name in builtin_schema_names():
         text = (resources.files("zoobot_hpc") / "schemas" / f"{text_name}.yaml").read_text()
         return _parse(text, text_name)
@@ -232,7 +260,7 @@ def load_schema(schema: str | Path | Schema | Mapping[str, Any]) -> Schema:
         return _parse(path.read_text(), str(path))
     raise SchemaError(
         f"schema {text_name!r} is neither a built-in schema ({', '.join(builtin_schema_names())}) "
-        "nor an existing YAML file"
+        f"nor an existing YAML file{_suggestion(text_name, builtin_schema_names())}"
     )
 
 

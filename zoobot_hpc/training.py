@@ -25,12 +25,15 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from zoobot_hpc import __version__
 from zoobot_hpc.atomic import AtomicCheckpointIO, atomic_path, write_text
 from zoobot_hpc.augment import check_bounds
+from zoobot_hpc.bad_images import BadImagePolicy, check_policy
 from zoobot_hpc.catalog import CatalogLike, Splits, load_splits
-from zoobot_hpc.config import dump_yaml
-from zoobot_hpc.data import GalaxyDataModule, LoaderSettings
+from zoobot_hpc.checkpoint import check_resumable
+from zoobot_hpc.config import check_argument_types, dump_yaml
+from zoobot_hpc.data import GalaxyDataModule, LoaderSettings, loader_errors_explained
 from zoobot_hpc.errors import InputError
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.hardware import HardwareSpec
+from zoobot_hpc.interruptions import CheckpointOnSigterm, newest_checkpoint
 from zoobot_hpc.models import ENCODERS, ModelError
 from zoobot_hpc.report import report_after_training
 from zoobot_hpc.schema import Schema, load_schema
@@ -80,6 +83,9 @@ def train(
     accelerator: str = "auto",
     resume: bool | str = "auto",
     channels_last: bool = False,
+    on_bad_image: str = "error",
+    on_nonfinite_loss: str = "error",
+    loader_timeout: float = 600.0,
     logger: Logger | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
 ) -> tuple[GalaxyZooModel, pl.Trainer]:
@@ -92,10 +98,16 @@ def train(
     job needs); `True` requires it, `False` starts afresh, a path resumes from that checkpoint.
     `logger` replaces the default TensorBoard logger; `wandb_logger` is used in addition to the CSV log.
     `trainer_kwargs` passes further settings to `pl.Trainer` (e.g. `limit_train_batches`).
+    `on_bad_image='skip'` trains without unreadable images (listed in `skipped_images.txt`) instead
+    of stopping at the first; `on_nonfinite_loss='skip'` skips (and counts) a step whose loss is
+    NaN/inf instead of stopping. `loader_timeout` (s) stops a run whose image reads hang.
     """
     arguments = dict(locals())  # before any other local: exactly what the caller asked for
 
     # 1. checks that cost seconds
+    check_argument_types(arguments)  # a quoted YAML value is a string: `color: "no"` would be true
+    check_policy("on_bad_image", on_bad_image)
+    check_policy("on_nonfinite_loss", on_nonfinite_loss)
     if model_architecture not in ENCODERS:
         raise ModelError(
             f"model_architecture={model_architecture!r} is unknown; use one of {', '.join(ENCODERS)}"
@@ -112,12 +124,16 @@ def train(
     )
     hardware.check_launch()  # in a Slurm job: refuse a launch or allocation that cannot work, before
     hardware.check_job()  # any catalog is read or model built (no-ops outside Slurm)
+    hardware.check_machine()  # outside Slurm: the GPUs this machine shows, loader workers vs CPUs
     schema = load_schema(schema)
     save_dir = _prepare_save_dir(save_dir)
+    ckpt_path = resolve_resume(resume, save_dir)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, schema, model_architecture, channels=3 if color else 1)
     splits = load_splits(
         schema, catalog, train_catalog, val_catalog, test_catalog, split_fractions, random_state
     )
-    ckpt_path = resolve_resume(resume, save_dir)
+    splits.check_batches(batch_size, hardware.world_size)
     pl.seed_everything(random_state, workers=True, verbose=False)
 
     # 2. what this run is, on disk before anything long starts
@@ -131,8 +147,13 @@ def train(
         schema.label_cols,
         color,
         LoaderSettings(
-            batch_size, num_workers, prefetch_factor, pin_memory=hardware.resolved_accelerator == "gpu"
+            batch_size,
+            num_workers,
+            prefetch_factor,
+            pin_memory=hardware.resolved_accelerator == "gpu",
+            timeout_s=loader_timeout,
         ),
+        seed=random_state,
     )
     model = GalaxyZooModel(
         schema=schema.to_dict(),
@@ -145,6 +166,7 @@ def train(
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         channels_last=channels_last,
+        on_nonfinite_loss=on_nonfinite_loss,
         package_version=__version__,
     )
     checkpointing = ModelCheckpoint(
@@ -156,12 +178,18 @@ def train(
         save_top_k=3,
         save_last=True,
     )
+    bad_images = BadImagePolicy(on_bad_image, save_dir)
     hardware_kwargs = hardware.trainer_kwargs()
     plugins = [*hardware_kwargs.pop("plugins"), AtomicCheckpointIO()]
     trainer = pl.Trainer(
         default_root_dir=save_dir,
         max_epochs=epochs,
-        callbacks=[checkpointing, EarlyStopping(monitor="val_loss", mode="min", patience=patience)],
+        callbacks=[
+            checkpointing,
+            EarlyStopping(monitor="val_loss", mode="min", patience=patience),
+            bad_images,
+            CheckpointOnSigterm(save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT),
+        ],
         logger=_loggers(save_dir, logger, wandb_logger),
         plugins=plugins,
         log_every_n_steps=min(50, max(1, len(splits.train) // max(1, batch_size * hardware.world_size))),
@@ -170,15 +198,18 @@ def train(
     )
 
     # 4. fit
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    with loader_errors_explained(datamodule.loader_settings):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     # 5. the best checkpoint, tested
     best_path = checkpointing.best_model_path or str(save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT)
     test_metrics: dict[str, float] = {}
     if len(splits.test):
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+        with loader_errors_explained(datamodule.loader_settings):
+            results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    _record_results(save_dir, trainer, checkpointing, best_path, test_metrics)
+    faults = {"skipped_images": len(bad_images.all_skipped()), "skipped_nonfinite_steps": model.skipped_steps}
+    _record_results(save_dir, trainer, checkpointing, best_path, test_metrics, faults)
     report_after_training(save_dir)
     best_model = GalaxyZooModel.load_from_checkpoint(best_path, map_location="cpu")
     return best_model, trainer
@@ -207,15 +238,14 @@ def _prepare_save_dir(save_dir: str | Path) -> Path:
 def resolve_resume(resume: bool | str, save_dir: Path) -> str | None:
     """The checkpoint `trainer.fit` should resume from, or None to start afresh."""
     last = save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    if resume == "auto":
-        if last.is_file():
-            log.warning("resuming from %s (pass resume=False to start afresh)", last)
-            return str(last)
-        return None
-    if resume is True:
-        if not last.is_file():
+    if resume in ("auto", True):
+        newest = newest_checkpoint(save_dir, last)
+        if newest is not None:
+            log.warning("resuming from %s (pass resume=False to start afresh)", newest)
+            return str(newest)
+        if resume is True:
             raise SaveDirError(f"resume=True but {last} does not exist; use resume='auto' or False")
-        return str(last)
+        return None
     if resume is False or resume is None:
         return None
     path = Path(resume)
@@ -251,6 +281,8 @@ NOT_IN_CONFIG = (
 @rank_zero_only
 def _record_run(save_dir: Path, splits: Splits, arguments: dict[str, Any], schema: Schema) -> None:
     """Write the splits and the resolved config; `zoobot-hpc train --config` reruns the same run from it."""
+    for stale in (save_dir / CHECKPOINT_DIR).glob(".*.ckpt.*.tmp"):  # a killed attempt was writing these
+        stale.unlink(missing_ok=True)
     split_files = {}
     for split in ("train", "val", "test"):
         target = save_dir / SPLITS_DIR / f"{split}.parquet"
@@ -275,6 +307,7 @@ def _record_results(
     checkpointing: ModelCheckpoint,
     best_path: str,
     test: dict[str, float],
+    faults: dict[str, int],
 ) -> None:
     best_score = checkpointing.best_model_score
     results = {
@@ -283,6 +316,7 @@ def _record_results(
         "epochs_completed": int(trainer.current_epoch),
         "stopped_early": bool(trainer.should_stop and trainer.current_epoch < trainer.max_epochs),
         "test": test,
+        **faults,
         "package_version": __version__,
     }
     write_text(save_dir / RESULTS_FILE, dump_yaml(results))
