@@ -37,6 +37,7 @@ from zoobot_hpc.interruptions import CheckpointOnSigterm, newest_checkpoint
 from zoobot_hpc.models import ENCODERS, ModelError
 from zoobot_hpc.report import report_after_training
 from zoobot_hpc.schema import Schema, load_schema
+from zoobot_hpc.telemetry import ThroughputMonitor
 
 log = logging.getLogger(__name__)
 # the model, not the data module, owns the transforms (checkpoints must carry them): that is intended
@@ -189,6 +190,7 @@ def train(
             EarlyStopping(monitor="val_loss", mode="min", patience=patience),
             bad_images,
             CheckpointOnSigterm(save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT),
+            ThroughputMonitor(num_workers, splits.train["file_loc"].to_numpy(dtype=str)),
         ],
         logger=_loggers(save_dir, logger, wandb_logger),
         plugins=plugins,

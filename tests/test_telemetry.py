@@ -1,0 +1,32 @@
+"""Throughput telemetry: logged on a real run; the loader-bound warning names the cause and the cure."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zoobot_hpc import train
+from zoobot_hpc.telemetry import ThroughputMonitor
+from zoobot_hpc.training import read_metrics
+
+
+def test_a_real_run_logs_images_per_second_and_the_data_wait_fraction(tmp_path, demo_frame):
+    frame = demo_frame.iloc[:40]
+    splits = {"train_catalog": frame[:32], "val_catalog": frame[32:36], "test_catalog": frame[36:40]}
+    train(tmp_path / "run", "decals_rings", epochs=1, gpus=0, num_workers=0, resize_size=16, batch_size=4,
+          trainer_kwargs={"enable_progress_bar": False}, **splits)  # fmt: skip
+    metrics = read_metrics(tmp_path / "run")
+    images_per_s = metrics["perf/images_per_s"].dropna()
+    fraction = metrics["perf/data_wait_fraction"].dropna()
+    assert len(images_per_s) and (images_per_s > 0).all()
+    assert len(fraction) and ((fraction > 0) & (fraction < 1)).all()
+
+
+def test_loader_bound_advice_names_the_cures_that_apply():
+    png_run = ThroughputMonitor(num_workers=1, file_locs=np.array(["a.png", "b.png", "c.jpg"]))
+    png_run.waits, png_run.steps, png_run.images = [3.0], [1.0], 64
+    advice = png_run.advice(0.75)
+    assert "75% of each step is spent waiting for images (16 images/s on this rank)" in advice
+    assert "store the images as JPEG" in advice and "node-local disk" in advice
+    jpeg_run = ThroughputMonitor(num_workers=10_000, file_locs=np.array(["a.jpg"]))
+    jpeg_run.waits, jpeg_run.steps, jpeg_run.images = [1.0], [1.0], 10
+    assert "JPEG" not in jpeg_run.advice(0.5) and "num_workers" not in jpeg_run.advice(0.5)
