@@ -26,7 +26,6 @@
 #SBATCH --cpus-per-task=5
 #SBATCH --gpus-per-node=1
 #SBATCH --time=4:00:00
-#SBATCH --signal=USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=jobs/logs/%x-%A_%a.out

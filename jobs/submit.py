@@ -5,7 +5,7 @@
     python jobs/submit.py --set catalog=/data/dr5.parquet --set epochs=50 --no-wait
 
 The same `HardwareSpec` that renders jobs/train_dr5.sh gives submitit its nodes, tasks per node
-(= GPUs per node), CPUs, time limit and the USR1 requeue signal, which Lightning handles.
+(= GPUs per node), CPUs, time limit and the USR1 requeue signal, which zoobot-hpc handles.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@
 #   ZOOBOT_BIND      extra Apptainer --bind paths, e.g. /data,/scratch [none]
 #   ZOOBOT_PYTHON    Python outside a container [python3, i.e. the environment you submit from]
 #   MASTER_PORT      DDP rendezvous port [derived from the job id]
-# Requeue: Slurm sends SIGUSR1 before the time limit; Lightning saves a checkpoint and requeues the
-# job, and the rerun resumes from save_dir/checkpoints/last.ckpt. Logs of all runs append to one file.
+# Requeue: Slurm sends SIGUSR1 before the time limit; every rank saves last.ckpt at the same step and
+# the job requeues itself; the rerun resumes from save_dir/checkpoints/last.ckpt. Logs append to one file.
 #SBATCH --job-name=train_dr5
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -285,7 +286,8 @@ def test_cluster_environment_only_in_a_step(monkeypatch):
     for key, value in STEP.items():
         monkeypatch.setenv(key, value)
     env = spec.cluster_environment()
-    assert isinstance(env, SLURMEnvironment) and env.auto_requeue
+    assert isinstance(env, SLURMEnvironment) and not env.auto_requeue  # StopOnSignal owns requeue
+    assert spec.requeue_signal() == signal.SIGUSR1
 
 
 # ---------------------------------------------------------------- submitting from inside a job

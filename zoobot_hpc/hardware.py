@@ -6,18 +6,20 @@ executor parameters, so the three can never disagree: Lightning's DDP freezes wh
 the same object. `preflight()` checks a spec before submission and `check_job()` checks the
 running job against it, so a wrong allocation is an error that names the setting, never a hang.
 
-Requeue has exactly one owner: Lightning's `SLURMEnvironment(auto_requeue=True)`. Slurm sends
-SIGUSR1 to every rank `REQUEUE_SIGNAL_LEAD_S` seconds before the time limit; Lightning saves a
-checkpoint and runs `scontrol requeue`, and the restarted job resumes from
-`save_dir/checkpoints/last.ckpt`. The same handler works for `sbatch` scripts and submitit jobs
-(submitit's own USR2 checkpoint/requeue is never signalled: its signal is replaced by USR1), so
-the behaviour does not depend on how the job was launched.
+Requeue has exactly one owner: `zoobot_hpc.interruptions.StopOnSignal`. Slurm sends SIGUSR1 to
+every rank `REQUEUE_SIGNAL_LEAD_S` seconds before the time limit; all ranks save `last.ckpt` at the
+same step, rank 0 runs `scontrol requeue`, and the restarted job resumes from it. Lightning's own
+requeue handler is off (`auto_requeue=False`: it saves inside the signal handler, which can deadlock
+DDP). The same handler works for `sbatch` scripts and submitit jobs (submitit's own USR2
+checkpoint/requeue is never signalled: its signal is replaced by USR1), so the behaviour does not
+depend on how the job was launched.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,7 +28,7 @@ from typing import Any
 from zoobot_hpc.errors import InputError, InputWarning
 
 ACCELERATORS = ("auto", "cpu", "gpu")
-REQUEUE_SIGNAL = "USR1"  # Lightning's SLURMEnvironment listens for this one
+REQUEUE_SIGNAL = "USR1"  # what StopOnSignal listens for inside Slurm jobs
 REQUEUE_SIGNAL_LEAD_S = 120  # Slurm may signal up to 60 s early; a checkpoint needs the rest
 # sbatch options the spec renders itself: setting them in extra_sbatch would contradict it
 OWNED_SBATCH_OPTIONS = {
@@ -164,13 +166,17 @@ class HardwareSpec:
     def cluster_environment(self):
         """Slurm's environment inside a Slurm job step, Lightning's own launcher elsewhere.
 
-        `auto_requeue=True` makes Lightning the one owner of the requeue signal (module docstring).
+        Lightning's requeue handler is off: `StopOnSignal` owns the requeue signal (module docstring).
         """
         from lightning_fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 
         if _inside_slurm_step(os.environ):
-            return SLURMEnvironment(auto_requeue=True)
+            return SLURMEnvironment(auto_requeue=False)
         return LightningEnvironment()
+
+    def requeue_signal(self) -> signal.Signals | None:
+        """The signal that asks this run to save and requeue itself: USR1 inside a Slurm job step."""
+        return signal.Signals[f"SIG{REQUEUE_SIGNAL}"] if _inside_slurm_step(os.environ) else None
 
     # ------------------------------------------------------------------ Slurm rendering
     @property
@@ -216,8 +222,8 @@ class HardwareSpec:
     def submitit_parameters(self) -> dict[str, Any]:
         """Parameters for `submitit.AutoExecutor.update_parameters` (its `slurm_` names).
 
-        submitit's default USR2 signal is replaced by Lightning's USR1, so Lightning alone
-        checkpoints and requeues (one owner); `--requeue` lets Slurm requeue on preemption.
+        submitit's default USR2 signal is replaced by USR1, so `StopOnSignal` alone checkpoints and
+        requeues (one owner); `--requeue` lets Slurm requeue on preemption.
         """
         params: dict[str, Any] = {
             "nodes": self.nodes,

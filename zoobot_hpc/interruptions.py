@@ -1,53 +1,103 @@
 """Stopping and resuming a long run without losing work, and resuming it exactly.
 
-- SIGTERM (Slurm's time limit and `scancel`, preemption, `scontrol requeue`) makes Lightning stop
-  after the current step; in a single-process run `CheckpointOnSigterm` then saves a full-state
-  `last.ckpt`, so the rerun continues from that step rather than from the last epoch end. Under DDP
-  the ranks see the signal at different points, and a collective save there can deadlock until
-  SIGKILL, so DDP runs rely on the epoch-end `last.ckpt` and on USR1 before the time limit, which is
-  Lightning's (`SLURMEnvironment(auto_requeue=True)`): it saves `hpc_ckpt_N.ckpt` and requeues.
-- `newest_checkpoint` picks whichever of these is newest when the rerun starts.
-- `seed_step` reseeds the random generators from (seed, step, rank) before every training batch
-  (`GalaxyDataModule.on_before_batch_transfer`), so a resumed run draws the same augmentations and
-  dropout masks at each step as one that never stopped (Lightning checkpoints do not carry RNG
-  states); the shuffling sampler is seeded from (seed, epoch).
+`StopOnSignal` owns the signals that end a Slurm job early:
+
+- SIGTERM: Slurm's time limit, `scancel`, preemption, `scontrol requeue`; SIGKILL follows after
+  the cluster's KillWait (often 30 s);
+- the requeue signal (USR1, inside Slurm jobs only), sent `--signal=USR1@N` seconds before the time
+  limit: the same, and then the job is requeued.
+
+The handlers only record the signal. Saving inside a handler is what deadlocks DDP (Lightning's
+own USR1 handler does it): each rank meets the signal in a different place, possibly inside a
+different collective, and the save's barrier never completes. Instead, at the start of every
+training step the ranks agree (one all-reduce) whether any of them was signalled; if so every rank
+saves the same full-state `last.ckpt` at the same step, rank 0 runs `scontrol requeue` for USR1,
+and `Interrupted` ends the run. A signal during validation takes effect at the next training step,
+after that epoch's checkpoint.
+
+`seed_step` reseeds the random generators from (seed, step, rank) before every training batch
+(`GalaxyDataModule.on_before_batch_transfer`), so a resumed run draws the same augmentations and
+dropout masks at each step as one that never stopped (Lightning checkpoints do not carry RNG
+states); the shuffling sampler is seeded from (seed, epoch).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from zoobot_hpc.errors import RunError
 
 log = logging.getLogger(__name__)
 
+NOT_SIGNALLED, TERMINATED, REQUEUE = 0, 1, 2  # ordered: across ranks the largest wins
 
-class CheckpointOnSigterm(pl.Callback):
-    """Save a full-state checkpoint when a run is stopped by SIGTERM (every rank takes part)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+class Interrupted(RunError):
+    """The run was stopped by a signal after saving its state; rerunning the same command resumes it."""
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
-            return  # (a SIGTERM during fit's validation is saved too: the rerun finishes that epoch)
-        if trainer.world_size > 1:
-            return  # ranks stop at different points; a collective save could deadlock (see module doc)
-        trainer.save_checkpoint(self.path)  # atomic: zoobot_hpc.atomic.AtomicCheckpointIO
-        if trainer.is_global_zero:
-            log.warning(
-                "stopped by SIGTERM at epoch %d, step %d; saved %s (a rerun resumes from it)",
-                trainer.current_epoch,
-                trainer.global_step,
-                self.path,
-            )
+
+class StopOnSignal(pl.Callback):
+    """Stop all ranks at the same training step when any rank is signalled; save; requeue on USR1."""
+
+    def __init__(self, checkpoint: Path, requeue_signal: signal.Signals | None) -> None:
+        self.checkpoint = checkpoint
+        self.requeue_signal = requeue_signal
+        self.received = NOT_SIGNALLED
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received = max(self.received, REQUEUE if signum == self.requeue_signal else TERMINATED)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        """Replace Lightning's handlers, which it installed just before; it restores the originals
+        when fit ends, however it ends. (A signal during setup is Lightning's: a SIGTERM is kept.)"""
+        self.received = TERMINATED if trainer.received_sigterm else NOT_SIGNALLED
+        for signum in (signal.SIGTERM, self.requeue_signal):
+            if signum is not None:
+                signal.signal(signum, self._record)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        received = self.received
+        if trainer.world_size > 1:  # every rank calls this at every step, so the collective matches
+            flag = torch.tensor(received, device=trainer.strategy.root_device)
+            received = int(trainer.strategy.reduce(flag, reduce_op="max"))
+        if received == NOT_SIGNALLED:
+            return
+        trainer.save_checkpoint(self.checkpoint)  # every rank, same step; atomic (AtomicCheckpointIO)
+        where = f"epoch {trainer.current_epoch}, step {trainer.global_step}; saved {self.checkpoint}"
+        if received == REQUEUE:
+            if not trainer.is_global_zero:
+                raise Interrupted(f"stopped by the requeue signal at {where}; rank 0 requeues the job")
+            log.warning("stopped by the requeue signal at %s; requeueing the job", where)  # before srun ends
+            raise Interrupted(requeue_this_job())
+        raise Interrupted(
+            f"stopped by SIGTERM at {where}; rerun the same command (or requeue the job) to resume from it"
+        )
+
+
+def requeue_this_job() -> str:
+    """`scontrol requeue` this Slurm job (or array task); says what happened."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"could not requeue job {job} ({err}): resubmit the same job script to resume"
+    if result.returncode != 0:
+        return (
+            f"`scontrol requeue {job}` failed ({result.stderr.strip()}): submit jobs with --requeue, "
+            "or resubmit the same job script to resume"
+        )
+    return f"requeued job {job}: it resumes from the checkpoint when it restarts"
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -56,9 +106,3 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
-
-
-def newest_checkpoint(save_dir: Path, last: Path) -> Path | None:
-    """The most recently written of `last` and Lightning's `hpc_ckpt_N.ckpt` (USR1 requeue) files."""
-    candidates = [p for p in [last, *save_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)

@@ -3,7 +3,7 @@
 `executor='slurm'` submits to Slurm (one submitit task per rank, launched by srun, so Lightning's
 `SLURMEnvironment` sees the job exactly as with `jobs/train_dr5.sh`); `'local'` runs on this
 machine in a subprocess and `'debug'` in this process, both with Lightning's own launcher
-starting the ranks. Requeue is Lightning's (see `zoobot_hpc.hardware`): the submitted function is
+starting the ranks. Requeue is `StopOnSignal`'s (see `zoobot_hpc.hardware`): the submitted function is
 not submitit-Checkpointable, and submitit's USR2 is replaced by USR1, so a requeued job simply
 reruns `train()` in the same `save_dir`, which resumes from `last.ckpt`.
 """

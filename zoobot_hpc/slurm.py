@@ -82,8 +82,8 @@ TRAIN_TEMPLATE = r"""#!/bin/bash
 #   ZOOBOT_BIND      extra Apptainer --bind paths, e.g. /data,/scratch [none]
 #   ZOOBOT_PYTHON    Python outside a container [python3, i.e. the environment you submit from]
 #   MASTER_PORT      DDP rendezvous port [derived from the job id]
-# Requeue: Slurm sends SIGUSR1 before the time limit; Lightning saves a checkpoint and requeues the
-# job, and the rerun resumes from save_dir/checkpoints/last.ckpt. Logs of all runs append to one file.
+# Requeue: Slurm sends SIGUSR1 before the time limit; every rank saves last.ckpt at the same step and
+# the job requeues itself; the rerun resumes from save_dir/checkpoints/last.ckpt. Logs append to one file.
 @SBATCH@
 set -euo pipefail
 
@@ -277,7 +277,7 @@ def render_predict_array(
     sbatch = [
         f"--output={log_dir}/%x-%A_%a.out" if line.startswith("--output=") else line
         for line in spec.sbatch_directives(job_name=job_name, log_dir=log_dir)
-        if not line.startswith("--ntasks-per-node=")
+        if not line.startswith(("--ntasks-per-node=", "--signal="))  # a shard has no mid-way state to save
     ]
     sbatch.insert(2, "--ntasks=1")
     merge_extra = "".join(

@@ -33,7 +33,7 @@ from zoobot_hpc.data import GalaxyDataModule, LoaderSettings, loader_errors_expl
 from zoobot_hpc.errors import InputError
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.hardware import HardwareSpec
-from zoobot_hpc.interruptions import CheckpointOnSigterm, newest_checkpoint
+from zoobot_hpc.interruptions import StopOnSignal
 from zoobot_hpc.models import ENCODERS, ModelError
 from zoobot_hpc.report import report_after_training
 from zoobot_hpc.schema import Schema, load_schema
@@ -189,7 +189,7 @@ def train(
             checkpointing,
             EarlyStopping(monitor="val_loss", mode="min", patience=patience),
             bad_images,
-            CheckpointOnSigterm(save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT),
+            StopOnSignal(save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, hardware.requeue_signal()),
             ThroughputMonitor(num_workers, splits.train["file_loc"].to_numpy(dtype=str)),
         ],
         logger=_loggers(save_dir, logger, wandb_logger),
@@ -241,10 +241,9 @@ def resolve_resume(resume: bool | str, save_dir: Path) -> str | None:
     """The checkpoint `trainer.fit` should resume from, or None to start afresh."""
     last = save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if resume in ("auto", True):
-        newest = newest_checkpoint(save_dir, last)
-        if newest is not None:
-            log.warning("resuming from %s (pass resume=False to start afresh)", newest)
-            return str(newest)
+        if last.is_file():
+            log.warning("resuming from %s (pass resume=False to start afresh)", last)
+            return str(last)
         if resume is True:
             raise SaveDirError(f"resume=True but {last} does not exist; use resume='auto' or False")
         return None
