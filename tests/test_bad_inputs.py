@@ -189,7 +189,7 @@ CATALOG_CASES = {
     ),
     "image path is a folder": (
         _set(9, "file_loc", "images"),
-        ["image files that do not exist (1): row 9", FIX_ROWS],
+        ["image files that do not exist (1): row 9", "(a folder, not an image file)", FIX_ROWS],
     ),
 }
 
@@ -200,6 +200,18 @@ def test_bad_catalog_contents(demo_dir, demo_csv, case):
     path = write_csv(mutate(demo_csv), demo_dir / f"{case.replace(' ', '_')}.csv")
     with refused(CatalogError, f"catalog {path}", *fragments):
         load_splits(SCHEMA, catalog=path)
+
+
+def test_image_path_that_is_a_fifo_is_refused_not_read(demo_dir, demo_csv):
+    """Reading a named pipe would block a loader worker forever: the catalog check refuses it."""
+    fifo = demo_dir / "images" / "pipe.jpg"
+    os.mkfifo(fifo)
+    path = write_csv(_set(9, "file_loc", "images/pipe.jpg")(demo_csv), demo_dir / "fifo.csv")
+    try:
+        with refused(CatalogError, "image files that do not exist (1): row 9", "not a regular file: a FIFO"):
+            load_splits(SCHEMA, catalog=path)
+    finally:
+        fifo.unlink()  # other tests of this module read the folder
 
 
 def test_every_problem_is_counted_at_once_through_the_cli(tmp_path, demo_dir, demo_csv, capsys):

@@ -317,6 +317,15 @@ def test_corrupt_or_foreign_checkpoint_names_the_file(tmp_path, checkpoint, imag
     assert "notes.ckpt cannot be loaded" in capsys.readouterr().err
 
 
+def test_inputs_are_checked_before_the_model_is_loaded(tmp_path):
+    """A mistyped images path costs seconds, not a model load (minutes for a large checkpoint on a
+    busy filesystem): with an unloadable checkpoint too, the images are what is reported."""
+    unloadable = tmp_path / "model.ckpt"
+    unloadable.write_text("not a checkpoint")
+    with pytest.raises(PredictionError, match=r"images .*typo do not exist"):
+        predict(unloadable, tmp_path / "typo", tmp_path / "out.parquet", **FAST)
+
+
 def test_cli_predict_and_merge(tmp_path, checkpoint, image_folder, capsys):
     args = [str(checkpoint), str(image_folder), str(tmp_path / "parts"), "--num-shards", "2"]
     args += ["--n-samples", "2", "--num-workers", "0", "--no-progress"]

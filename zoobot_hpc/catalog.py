@@ -261,13 +261,25 @@ def _check_paths(locs: pd.Series, check_files: bool, problems: Problems) -> None
     empty = ~_non_empty(text)
     problems.add("empty file_loc", _rows(np.flatnonzero(empty)))
     if check_files:
-        gone = ~empty & ~files_exist(text, ~empty)
+        gone = np.flatnonzero(~empty & ~files_exist(text, ~empty))
         problems.add(
             "image files that do not exist",
-            [f"row {i}: {locs.iat[i]}" for i in np.flatnonzero(gone)],
+            [
+                f"row {i}: {locs.iat[i]}{_not_a_file(locs.iat[i]) if n < SHOW_FIRST else ''}"
+                for n, i in enumerate(gone)
+            ],
             advice="A relative file_loc is read from the catalog file's folder (from the working "
             "directory for a DataFrame).",
         )
+
+
+def _not_a_file(path: str) -> str:
+    """Why an existing path is no image file (empty if it does not exist at all)."""
+    if os.path.isdir(path):
+        return " (a folder, not an image file)"
+    if os.path.exists(path):
+        return " (exists but is not a regular file: a FIFO, socket or device)"
+    return ""
 
 
 def files_exist(paths: pa.Array, candidates: np.ndarray) -> np.ndarray:

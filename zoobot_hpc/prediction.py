@@ -137,7 +137,7 @@ def resolve_device(gpus: int = 0, device: str | None = None) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def resolve_inputs(images: ImagesLike, schema: Schema | None = None) -> pd.DataFrame:
+def resolve_inputs(images: ImagesLike) -> pd.DataFrame:
     """`id_str` and absolute `file_loc` of every input, in a stable order.
 
     A folder is searched recursively for .png/.jpg/.jpeg files, sorted by relative path; a list
@@ -148,7 +148,7 @@ def resolve_inputs(images: ImagesLike, schema: Schema | None = None) -> pd.DataF
     if isinstance(images, pd.DataFrame) or (
         isinstance(images, str | Path) and Path(images).suffix.lower() in (".csv", ".parquet")
     ):
-        return _catalog_inputs(images, schema)
+        return _catalog_inputs(images)
     if isinstance(images, str | Path):
         folder = Path(images).expanduser()
         if not folder.exists():
@@ -208,12 +208,11 @@ def _frame(files: list[Path], names: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"id_str": ids, "file_loc": [str(p) for p in files]})
 
 
-def _catalog_inputs(catalog: str | Path | pd.DataFrame, schema: Schema | None) -> pd.DataFrame:
+def _catalog_inputs(catalog: str | Path | pd.DataFrame) -> pd.DataFrame:
     source = "(DataFrame)" if isinstance(catalog, pd.DataFrame) else str(catalog)
     df = read_catalog(catalog)
-    problems = find_problems(
-        df, schema or Schema({"q": ["a"]}, {"q": None}), source, require_labels=False, check_files=False
-    )
+    no_votes = Schema({"q": ["a"]}, {"q": None})  # vote columns are ignored: only ids and paths matter
+    problems = find_problems(df, no_votes, source, require_labels=False, check_files=False)
     if problems:
         raise CatalogError(problems.report())
     return df[["id_str", "file_loc"]].astype(str).reset_index(drop=True)
@@ -500,8 +499,8 @@ def predict(
     elif save_path.suffix.lower() in (".parquet", ".pq", ".csv"):
         raise PredictionError(f"save_path {save_path}: with num_shards it is a folder for the part files")
     _check_writable(save_path if num_shards else save_path.parent)
+    inputs = resolve_inputs(images)  # a wrong path fails in seconds, before the model loads
     model = load_model(checkpoint)
-    inputs = resolve_inputs(images, model.schema)
     run_metadata = _run_metadata(checkpoint, model, inputs, n_samples, dropout, num_shards)
     settings = dict(
         n_samples=n_samples,
