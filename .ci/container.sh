@@ -12,14 +12,17 @@
 #   5. inside the image, with --network=none: `selftest` (and its GPU-request failure), `demo` as an
 #      arbitrary non-root user writing to a bind mount, apptainer.def's %test and %runscript bodies
 #      (taken from the def file, with its %environment sourced first), tests/test_containers.py
-#   6. stop the dockerd by its PID, unmount what it left, delete its data (unless ZH_CI_KEEP_ENGINE=1)
+#   6. a Slurm job whose ranks run inside the image: the image exported to a directory, srun starting
+#      one Charliecloud `ch-run` container per rank (Apptainer's exec model; Apptainer cannot be
+#      installed here). Needs the Slurm cluster that scripts/test.sh started.
+#   7. stop the dockerd by its PID, unmount what it left, delete its data (unless ZH_CI_KEEP_ENGINE=1)
 #
 # Run from the repository root as root: `bash .ci/container.sh`. Environment knobs:
 #   PYTHON               python with the package's test dependencies (default: .venv/bin/python)
 #   ZH_CI_WORK           engine state (default /var/tmp/zh-ci; keep it short: socket paths)
 #   ZH_CI_CACHE          cached rootfs tarball and tools (default /var/tmp/zh-ci-cache)
 #   ZH_CI_KEEP_ENGINE=1  keep images and build cache for a fast re-run (~11 GB disk)
-#   ZH_CI_EXPORT_DIR     also export the image's file system there (for ch-run, e.g. the Slurm stage)
+#   ZH_CI_EXPORT_DIR     where the image's file system is exported for ch-run (default $ZH_CI_WORK/image)
 set -Eeuo pipefail
 
 cd "$(dirname "$0")/.."
@@ -95,10 +98,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # -- 1. packages and static checks ------------------------------------------------------------------
-step "install docker.io, debootstrap"
-if [ ! -x /usr/sbin/dockerd ] || [ ! -x "$DOCKER" ] || ! command -v debootstrap >/dev/null; then
+step "install docker.io, debootstrap, charliecloud-runtime"
+if [ ! -x /usr/sbin/dockerd ] || [ ! -x "$DOCKER" ] || ! command -v debootstrap >/dev/null \
+   || ! command -v ch-run >/dev/null; then
   apt-get -o DPkg::Lock::Timeout=900 update -qq
-  apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends docker.io debootstrap >/dev/null
+  apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
+    docker.io debootstrap charliecloud-runtime >/dev/null
 fi
 "$DOCKER" --version
 
@@ -218,7 +223,8 @@ step "tests/test_containers.py -m docker against the image"
 ZOOBOT_HPC_IMAGE="$IMAGE" ZOOBOT_HPC_REQUIRE_DOCKER=1 "$PYTHON" -m pytest -q -p no:cacheprovider \
   -m docker tests/test_containers.py
 
-if [ -n "${ZH_CI_EXPORT_DIR:-}" ]; then
-  step "export the image's file system to $ZH_CI_EXPORT_DIR"
-  bash scripts/export_image_for_chrun.sh "$IMAGE" "$ZH_CI_EXPORT_DIR"
-fi
+step "a Slurm job with its ranks in the image (srun -> ch-run -> python)"
+EXPORT_DIR=${ZH_CI_EXPORT_DIR:-$WORK/image}
+bash scripts/export_image_for_chrun.sh "$IMAGE" "$EXPORT_DIR"
+ZOOBOT_HPC_CHRUN_IMAGE="$EXPORT_DIR" "$PYTHON" -m pytest -q -p no:cacheprovider -rs \
+  tests/test_slurm.py -k test_train_job_ranks_run_inside_the_image

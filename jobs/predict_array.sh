@@ -18,8 +18,8 @@
 #   ZOOBOT_N_SAMPLES    MC-dropout forward passes per galaxy [5]
 #   ZOOBOT_GPUS         GPUs each shard uses, 0 = CPU [1]
 #   ZOOBOT_NUM_WORKERS  image-decoding processes per shard [4]
-#   ZOOBOT_IMAGE        Apptainer image for every task [none]
-#   ZOOBOT_BIND, ZOOBOT_PYTHON   as in the training script
+#   ZOOBOT_IMAGE        container image for every task [none]
+#   ZOOBOT_RUNTIME, ZOOBOT_BIND, ZOOBOT_PYTHON   as in the training script [apptainer]
 #SBATCH --job-name=predict_array
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
@@ -40,12 +40,21 @@ N_SAMPLES=${ZOOBOT_N_SAMPLES:-5}
 GPUS=${ZOOBOT_GPUS:-1}
 NUM_WORKERS=${ZOOBOT_NUM_WORKERS:-4}
 IMAGE=${ZOOBOT_IMAGE:-""}
-if [ -n "$IMAGE" ]; then
-  binds=()
+RUNTIME=${ZOOBOT_RUNTIME:-apptainer}
+binds=()
+if [ -z "$IMAGE" ]; then
+  python=("${ZOOBOT_PYTHON:-python3}")
+elif [ "$RUNTIME" = apptainer ]; then
   if [ -n "${ZOOBOT_BIND:-}" ]; then binds=(--bind "$ZOOBOT_BIND"); fi
   python=(apptainer exec --nv "${binds[@]}" "$IMAGE" python3)
+elif [ "$RUNTIME" = charliecloud ]; then  # an image directory; for GPUs run `ch-fromhost --nvidia` on it once
+  IFS=, read -r -a paths <<<"${ZOOBOT_BIND:-}"
+  for path in "${paths[@]}"; do binds+=(-b "$path"); done
+  export USER=${USER:-$(id -un)}  # ch-run requires it
+  python=(ch-run --home --set-env --unset-env=PYTHONPATH "${binds[@]}" "$IMAGE" -- python3)
 else
-  python=("${ZOOBOT_PYTHON:-python3}")
+  echo "zoobot job: ZOOBOT_RUNTIME=$RUNTIME: use apptainer or charliecloud" >&2
+  exit 2
 fi
 export PYTHONFAULTHANDLER="${PYTHONFAULTHANDLER:-1}"
 export PYTHONUNBUFFERED="${PYTHONUNBUFFERED:-1}"

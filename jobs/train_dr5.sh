@@ -12,8 +12,9 @@
 #   ZOOBOT_CATALOG   catalog CSV/Parquet, replaces `catalog` in the config [from the config]
 #   ZOOBOT_SAVE_DIR  output folder, replaces `save_dir`; a rerun there resumes [from the config]
 #   ZOOBOT_SET       more overrides, space-separated key=value, e.g. "epochs=10 batch_size=128"
-#   ZOOBOT_IMAGE     Apptainer image: every rank runs in `apptainer exec --nv IMAGE` [none]
-#   ZOOBOT_BIND      extra Apptainer --bind paths, e.g. /data,/scratch [none]
+#   ZOOBOT_IMAGE     container image: every rank runs in `apptainer exec --nv IMAGE` [none]
+#   ZOOBOT_RUNTIME   apptainer (a .sif) or charliecloud (an image directory, ch-run) [apptainer]
+#   ZOOBOT_BIND      extra paths to bind into the container, e.g. /data,/scratch [none]
 #   ZOOBOT_PYTHON    Python outside a container [python3, i.e. the environment you submit from]
 #   MASTER_PORT      DDP rendezvous port [derived from the job id]
 # Requeue: Slurm sends SIGUSR1 before the time limit; every rank saves last.ckpt at the same step and
@@ -43,12 +44,21 @@ read -r -a extra <<<"${ZOOBOT_SET:-}"
 for kv in "${extra[@]}"; do args+=(--set "$kv"); done
 
 IMAGE=${ZOOBOT_IMAGE:-""}
-if [ -n "$IMAGE" ]; then
-  binds=()
+RUNTIME=${ZOOBOT_RUNTIME:-apptainer}
+binds=()
+if [ -z "$IMAGE" ]; then
+  python=("${ZOOBOT_PYTHON:-python3}")
+elif [ "$RUNTIME" = apptainer ]; then
   if [ -n "${ZOOBOT_BIND:-}" ]; then binds=(--bind "$ZOOBOT_BIND"); fi
   python=(apptainer exec --nv "${binds[@]}" "$IMAGE" python3)
+elif [ "$RUNTIME" = charliecloud ]; then  # an image directory; for GPUs run `ch-fromhost --nvidia` on it once
+  IFS=, read -r -a paths <<<"${ZOOBOT_BIND:-}"
+  for path in "${paths[@]}"; do binds+=(-b "$path"); done
+  export USER=${USER:-$(id -un)}  # ch-run requires it
+  python=(ch-run --home --set-env --unset-env=PYTHONPATH "${binds[@]}" "$IMAGE" -- python3)
 else
-  python=("${ZOOBOT_PYTHON:-python3}")
+  echo "zoobot job: ZOOBOT_RUNTIME=$RUNTIME: use apptainer or charliecloud" >&2
+  exit 2
 fi
 
 export PYTHONFAULTHANDLER="${PYTHONFAULTHANDLER:-1}"

@@ -84,8 +84,9 @@ def test_plain_cpu_run_is_one_task():
         HardwareSpec(nodes=1, gpus=2, num_workers=4),
         HardwareSpec(nodes=2, gpus=4, num_workers=8, partition="gpu", account="proj", qos="high"),
         HardwareSpec(nodes=1, gpus=2, num_workers=0, accelerator="cpu", container="img.sif"),
+        HardwareSpec(gpus=1, num_workers=0, container="/img", container_runtime="charliecloud"),
     ],
-    ids=["1x2", "2x4", "cpu"],
+    ids=["1x2", "2x4", "cpu", "charliecloud"],
 )
 def test_rendered_train_script(spec, tmp_path):
     script = render_train_script("cfg.yaml", spec, env={"NCCL_SOCKET_IFNAME": "ib0"}, job_name="run")
@@ -94,10 +95,11 @@ def test_rendered_train_script(spec, tmp_path):
     assert "srun --kill-on-bad-exit=1" in script
     assert "MASTER_ADDR=$(scontrol show hostnames" in script
     assert "export PYTHONFAULTHANDLER=" in script and "export NCCL_SOCKET_IFNAME=ib0" in script
-    assert ("--nv" in script) == (spec.resolved_accelerator == "gpu")
+    assert ("apptainer exec --nv" in script) == (spec.resolved_accelerator == "gpu")
     assert "29500" not in script  # never a hard-coded port
     if spec.container:
-        assert 'IMAGE=${ZOOBOT_IMAGE:-"img.sif"}' in script
+        assert f'IMAGE=${{ZOOBOT_IMAGE:-"{spec.container}"}}' in script
+        assert f"RUNTIME=${{ZOOBOT_RUNTIME:-{spec.container_runtime}}}" in script
     # all #SBATCH lines come before the first command, or sbatch ignores them
     lines = script.splitlines()
     first_command = next(i for i, x in enumerate(lines) if x and not x.startswith("#"))
@@ -108,11 +110,17 @@ def test_rendered_train_script(spec, tmp_path):
         subprocess.run(["shellcheck", str(path)], check=True)
 
 
+def test_unknown_container_runtime_is_refused():
+    with pytest.raises(HardwareError, match="container_runtime='docker': use one of apptainer, charliecloud"):
+        HardwareSpec(container="x", container_runtime="docker")
+
+
 def test_predict_array_script():
     script = render_predict_array(HardwareSpec(gpus=1, num_workers=2), num_shards=5, log_dir="L")
     assert "#SBATCH --ntasks=1" in script and "ntasks-per-node" not in script
     assert "#SBATCH --gpus-per-node=1" in script
     assert "#SBATCH --output=L/%x-%A_%a.out" in script
+    assert "--signal" not in script  # a shard has nothing to save mid-way; USR1 would only kill it early
     assert '--dependency="afterok:$array_id"' in script
     assert "SHARDS=${ZOOBOT_SHARDS:-5}" in script
     with pytest.raises(Exception, match="one node"):

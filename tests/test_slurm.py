@@ -305,6 +305,46 @@ def test_requeue_resumes_from_last_checkpoint(cluster, dr5_catalog, tmp_path, in
     assert final["global_step"] == epochs * steps_per_epoch  # every step once: none lost, none repeated
 
 
+def test_train_job_ranks_run_inside_the_image(cluster, dr5_catalog, tmp_path):
+    """srun → one container per rank → python: the project's image, exported to a directory and run
+    by Charliecloud's ch-run (Apptainer's exec model: no daemon, host network, SLURM_* passed
+    through). .ci/container.sh builds and exports the image, then runs this test."""
+    image = os.environ.get("ZOOBOT_HPC_CHRUN_IMAGE")
+    if not image:
+        pytest.skip("no exported image: .ci/container.sh exports one (ZOOBOT_HPC_CHRUN_IMAGE) and runs this")
+    assert shutil.which("ch-run"), "ch-run not found: apt-get install charliecloud-runtime"
+    assert (Path(image) / "opt" / "venv" / "bin" / "python3").exists(), f"{image} is not an exported image"
+    # the ranks see the host's /tmp (ch-run binds it), so images, catalog and outputs live there
+    catalog = pd.read_csv(dr5_catalog)
+    (tmp_path / "images").mkdir()
+    for i, source in enumerate(catalog["file_loc"]):
+        target = tmp_path / "images" / Path(source).name
+        shutil.copyfile(source, target)
+        catalog.loc[i, "file_loc"] = str(target)
+    catalog.to_csv(tmp_path / "catalog.csv", index=False)
+    config = tmp_path / "in_image.yaml"
+    config.write_text(
+        f"save_dir: {tmp_path / 'run'}\nschema: gz_decals_dr5\ncatalog: {tmp_path / 'catalog.csv'}\n"
+        "gpus: 2\naccelerator: cpu\nnum_workers: 0\nresize_size: 32\nbatch_size: 4\nepochs: 1\n"
+        "prefetch_factor: 2\n"
+        "trainer_kwargs: {limit_train_batches: 2, limit_val_batches: 1, limit_test_batches: 1}\n"
+        f"slurm:\n  time: '10:00'\n  mem: 3G\n  container: {image}\n  container_runtime: charliecloud\n"
+    )
+    from zoobot_hpc.config import hardware_spec, load_config
+    from zoobot_hpc.slurm import render_train_script
+
+    script = tmp_path / "in_image.sh"
+    script.write_text(render_train_script(config, hardware_spec(load_config(config)), log_dir=str(tmp_path)))
+    job_env_outside = job_env()
+    job_env_outside.pop("ZOOBOT_PYTHON")  # the image's Python, not this one
+    job_id = sbatch(str(script), env=job_env_outside)
+    text = assert_completed(job_id, tmp_path / f"in_image-{job_id}.out", timeout=600)
+    inside = re.findall(r"train, rank (\d+): Python ([^,\s]+),", text)
+    assert sorted(inside) == [("0", "/opt/venv/bin/python3"), ("1", "/opt/venv/bin/python3")], text[-3000:]
+    assert ranks_seen(text) == {"1/2", "2/2"}  # SLURM_* reached Lightning inside the containers
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_fake_gpu_without_cuda_fails_fast(cluster, dr5_catalog, tmp_path):
     gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
     if "gpu" not in gres:

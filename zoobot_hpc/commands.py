@@ -59,8 +59,23 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     hardware_spec(config)  # refuse impossible hardware before anything is read
+    _say_where_this_rank_runs()
     train(**train_kwargs(config))
     return 0
+
+
+def _say_where_this_rank_runs() -> None:
+    """One log line per process: which Python (a container's or a venv's) each rank really runs."""
+    import torch
+
+    from zoobot_hpc import __version__
+
+    rank = os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0"))
+    print(
+        f"zoobot-hpc {__version__} train, rank {rank}: Python {sys.executable}, torch {torch.__version__}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def run_validate(args: argparse.Namespace) -> int:

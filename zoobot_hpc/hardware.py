@@ -28,6 +28,7 @@ from typing import Any
 from zoobot_hpc.errors import InputError, InputWarning
 
 ACCELERATORS = ("auto", "cpu", "gpu")
+CONTAINER_RUNTIMES = ("apptainer", "charliecloud")  # a .sif file; an image directory run by ch-run
 REQUEUE_SIGNAL = "USR1"  # what StopOnSignal listens for inside Slurm jobs
 REQUEUE_SIGNAL_LEAD_S = 120  # Slurm may signal up to 60 s early; a checkpoint needs the rest
 # sbatch options the spec renders itself: setting them in extra_sbatch would contradict it
@@ -90,10 +91,15 @@ class HardwareSpec:
     constraint: str | None = None
     extra_sbatch: tuple[str, ...] = field(default_factory=tuple)
     container: str | None = None
+    container_runtime: str = "apptainer"
 
     def __post_init__(self) -> None:
         if self.accelerator not in ACCELERATORS:
             raise HardwareError(f"accelerator={self.accelerator!r}: use one of {', '.join(ACCELERATORS)}")
+        if self.container_runtime not in CONTAINER_RUNTIMES:
+            raise HardwareError(
+                f"container_runtime={self.container_runtime!r}: use one of {', '.join(CONTAINER_RUNTIMES)}"
+            )
         for name in ("nodes", "gpus", "num_workers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

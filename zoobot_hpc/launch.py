@@ -37,8 +37,7 @@ def make_executor(
         raise InputError(f"executor={executor!r}: use one of {', '.join(EXECUTORS)}")
     kwargs: dict[str, Any] = {}
     if spec.container:
-        nv = " --nv" if spec.resolved_accelerator == "gpu" else ""
-        kwargs["slurm_python"] = f"apptainer exec{nv} {spec.container} python3"
+        kwargs["slurm_python"] = container_python(spec)
     with outside_job():
         ex = submitit.AutoExecutor(folder=str(folder), cluster=executor, **kwargs)
     if executor == "slurm":
@@ -53,6 +52,14 @@ def make_executor(
         params = {"timeout_min": spec.submitit_parameters()["timeout_min"], "name": job_name}
     ex.update_parameters(**params)
     return ex
+
+
+def container_python(spec: HardwareSpec) -> str:
+    """The command that starts Python in `spec.container` (as the job scripts do; see slurm.py)."""
+    if spec.container_runtime == "charliecloud":
+        return f"ch-run --home --set-env --unset-env=PYTHONPATH {spec.container} -- python3"
+    nv = " --nv" if spec.resolved_accelerator == "gpu" else ""
+    return f"apptainer exec{nv} {spec.container} python3"
 
 
 def _run_training(config: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,30 @@ class SubmitError(InputError):
     """Submitting a job failed; the message carries Slurm's answer."""
 
 
+# How every rank starts Python: in the image (one container per rank, started by srun; SLURM_*
+# variables pass through to Lightning), or the environment this job was submitted from.
+PYTHON_SETUP = r"""IMAGE=${ZOOBOT_IMAGE:-"@CONTAINER@"}
+RUNTIME=${ZOOBOT_RUNTIME:-@RUNTIME@}
+binds=()
+if [ -z "$IMAGE" ]; then
+  python=("${ZOOBOT_PYTHON:-python3}")
+elif [ "$RUNTIME" = apptainer ]; then
+  if [ -n "${ZOOBOT_BIND:-}" ]; then binds=(--bind "$ZOOBOT_BIND"); fi
+  python=(apptainer exec@NV@ "${binds[@]}" "$IMAGE" python3)
+elif [ "$RUNTIME" = charliecloud ]; then  # an image directory; for GPUs run `ch-fromhost --nvidia` on it once
+  IFS=, read -r -a paths <<<"${ZOOBOT_BIND:-}"
+  for path in "${paths[@]}"; do binds+=(-b "$path"); done
+  export USER=${USER:-$(id -un)}  # ch-run requires it
+  python=(ch-run --home --set-env --unset-env=PYTHONPATH "${binds[@]}" "$IMAGE" -- python3)
+else
+  echo "zoobot job: ZOOBOT_RUNTIME=$RUNTIME: use apptainer or charliecloud" >&2
+  exit 2
+fi
+"""
+
+
 def _fill(template: str, **values: str) -> str:
+    template = template.replace("@PYTHON_SETUP@", PYTHON_SETUP)
     for key, value in values.items():
         if key not in ("SBATCH", "ENV", "FIND_SPEC") and re.search(r'["$`\\\n]', value):
             raise InputError(
@@ -78,8 +101,9 @@ TRAIN_TEMPLATE = r"""#!/bin/bash
 #   ZOOBOT_CATALOG   catalog CSV/Parquet, replaces `catalog` in the config [from the config]
 #   ZOOBOT_SAVE_DIR  output folder, replaces `save_dir`; a rerun there resumes [from the config]
 #   ZOOBOT_SET       more overrides, space-separated key=value, e.g. "epochs=10 batch_size=128"
-#   ZOOBOT_IMAGE     Apptainer image: every rank runs in `apptainer exec@NV@ IMAGE` [@CONTAINER_DOC@]
-#   ZOOBOT_BIND      extra Apptainer --bind paths, e.g. /data,/scratch [none]
+#   ZOOBOT_IMAGE     container image: every rank runs in `apptainer exec@NV@ IMAGE` [@CONTAINER_DOC@]
+#   ZOOBOT_RUNTIME   apptainer (a .sif) or charliecloud (an image directory, ch-run) [@RUNTIME@]
+#   ZOOBOT_BIND      extra paths to bind into the container, e.g. /data,/scratch [none]
 #   ZOOBOT_PYTHON    Python outside a container [python3, i.e. the environment you submit from]
 #   MASTER_PORT      DDP rendezvous port [derived from the job id]
 # Requeue: Slurm sends SIGUSR1 before the time limit; every rank saves last.ckpt at the same step and
@@ -99,15 +123,7 @@ if [ -n "${ZOOBOT_SAVE_DIR:-}" ]; then args+=(--set "save_dir=$ZOOBOT_SAVE_DIR")
 read -r -a extra <<<"${ZOOBOT_SET:-}"
 for kv in "${extra[@]}"; do args+=(--set "$kv"); done
 
-IMAGE=${ZOOBOT_IMAGE:-"@CONTAINER@"}
-if [ -n "$IMAGE" ]; then
-  binds=()
-  if [ -n "${ZOOBOT_BIND:-}" ]; then binds=(--bind "$ZOOBOT_BIND"); fi
-  python=(apptainer exec@NV@ "${binds[@]}" "$IMAGE" python3)
-else
-  python=("${ZOOBOT_PYTHON:-python3}")
-fi
-
+@PYTHON_SETUP@
 @ENV@
 # Rank 0's node hosts the DDP rendezvous; ranks and world size come from srun (SLURM_PROCID/NTASKS).
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -168,6 +184,7 @@ def render_train_script(
         NV=" --nv" if gpu else "",
         CONTAINER=spec.container or "",
         CONTAINER_DOC=spec.container or "none",
+        RUNTIME=spec.container_runtime,
         SBATCH=_sbatch_block(spec.sbatch_directives(job_name=job_name, log_dir=log_dir)),
         ENV=_env_block(env or {}),
         FIND_SPEC=_FIND_SPEC,
@@ -194,8 +211,8 @@ PREDICT_TEMPLATE = r"""#!/bin/bash
 #   ZOOBOT_N_SAMPLES    MC-dropout forward passes per galaxy [@N_SAMPLES@]
 #   ZOOBOT_GPUS         GPUs each shard uses, 0 = CPU [@GPUS@]
 #   ZOOBOT_NUM_WORKERS  image-decoding processes per shard [@NUM_WORKERS@]
-#   ZOOBOT_IMAGE        Apptainer image for every task [@CONTAINER_DOC@]
-#   ZOOBOT_BIND, ZOOBOT_PYTHON   as in the training script
+#   ZOOBOT_IMAGE        container image for every task [@CONTAINER_DOC@]
+#   ZOOBOT_RUNTIME, ZOOBOT_BIND, ZOOBOT_PYTHON   as in the training script [@RUNTIME@]
 @SBATCH@
 set -euo pipefail
 
@@ -207,15 +224,7 @@ SHARDS=${ZOOBOT_SHARDS:-@SHARDS@}
 N_SAMPLES=${ZOOBOT_N_SAMPLES:-@N_SAMPLES@}
 GPUS=${ZOOBOT_GPUS:-@GPUS@}
 NUM_WORKERS=${ZOOBOT_NUM_WORKERS:-@NUM_WORKERS@}
-IMAGE=${ZOOBOT_IMAGE:-"@CONTAINER@"}
-if [ -n "$IMAGE" ]; then
-  binds=()
-  if [ -n "${ZOOBOT_BIND:-}" ]; then binds=(--bind "$ZOOBOT_BIND"); fi
-  python=(apptainer exec@NV@ "${binds[@]}" "$IMAGE" python3)
-else
-  python=("${ZOOBOT_PYTHON:-python3}")
-fi
-@ENV@
+@PYTHON_SETUP@@ENV@
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
   # Not in a job: check the inputs, then submit the array and the merge that waits for it.
@@ -300,6 +309,7 @@ def render_predict_array(
         NV=" --nv" if gpu else "",
         CONTAINER=spec.container or "",
         CONTAINER_DOC=spec.container or "none",
+        RUNTIME=spec.container_runtime,
         ENV=_env_block(env or {}),
         LOG_DIR=log_dir,
         JOB_NAME=job_name,
