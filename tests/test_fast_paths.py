@@ -6,7 +6,8 @@ measured by benchmarks/):
 - the batched affine augmentation draws crop scale, aspect ratio, rotation and flips from the
   configured bounds, and a known bright square covers the area fraction the crop scale implies;
 - MC dropout with the encoder run once equals n full forward passes when the dropout masks are the
-  same (same seed).
+  same (same seed);
+- the integer grey conversion equals the rounded float mean of R, G and B for every possible sum.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from zoobot_hpc.augment import GalaxyAugment
+from zoobot_hpc.data import grey_mean
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.loss import dirichlet_multinomial_nll
 from zoobot_hpc.schema import load_schema
@@ -217,3 +219,11 @@ def test_encoder_once_mc_dropout_equals_full_passes_with_the_same_masks(architec
     # the samples really differ (dropout was on) and differ from the dropout-free prediction
     assert (fast[:, 0] - fast[:, 1]).abs().max() > 1e-3
     assert (fast[:, 0] - without).abs().max() > 1e-3
+
+
+def test_integer_grey_equals_the_rounded_float_mean_for_every_sum():
+    levels = torch.arange(256, dtype=torch.uint8)
+    blues = torch.tensor([0, 1, 2, 127, 254, 255], dtype=torch.uint8)
+    rgb = torch.stack(torch.meshgrid(levels, levels, blues, indexing="ij")).reshape(3, 256, -1)
+    expected = (rgb.double().sum(dim=0) / 3).round().to(torch.uint8)
+    assert torch.equal(grey_mean(rgb)[0], expected)  # every sum 0..765, many ways each
