@@ -28,7 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from zoobot_hpc.augment import GalaxyAugment
 from zoobot_hpc.catalog import read_catalog
-from zoobot_hpc.data import GalaxyDataset, ImageError, LoaderSettings
+from zoobot_hpc.data import GalaxyDataset, ImageError, LoaderSettings, grey_mean
 from zoobot_hpc.schema import load_schema
 
 BATCH, WORKERS, PREFETCH = 64, 2, 4
@@ -91,8 +91,7 @@ def decode_limits(paths: list[str], rounds: int) -> dict[str, float]:
 
     def decode_rgb_mean() -> None:
         for b in blobs:
-            rgb = decode_jpeg(b, mode=ImageReadMode.RGB)
-            (rgb.sum(dim=0, keepdim=True, dtype=torch.int16) / 3).round().to(torch.uint8)
+            grey_mean(decode_jpeg(b, mode=ImageReadMode.RGB))
 
     def decode_rgb_only() -> None:
         for b in blobs:
