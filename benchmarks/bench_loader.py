@@ -6,8 +6,8 @@ train loaders (shuffle, drop_last), several epochs per repetition, repetitions i
 - ours (package): `GalaxyDataset` + `LoaderSettings.loader` -> uint8 (64, 1, 424, 424) batches; grey is
   the unweighted mean of R, G, B after an RGB decode (`load_image`). Augmentation runs after the
   transfer, on the model's device, so it is timed on its own: `GalaxyAugment(224)(batch, train=True)`.
-- ours, decode to grey (prototype, not in the package): the same loader with `decode_jpeg(...,
-  mode=GRAY)` (weighted luminance, as libjpeg computes it) instead of RGB decode + mean.
+- ours, `grey="luma"`: the same loader decoding the JPEG's luma channel (`decode_jpeg(..., mode=GRAY)`,
+  0.299 R + 0.587 G + 0.114 B) instead of RGB decode + Zoobot's unweighted mean.
 - peer: `CatalogDataModule(train_transform=...)` with the same augmentation in galaxy-datasets' own
   transform builder: grey, RandomResizedCrop scale (0.7, 0.8) ratio (0.9, 1.1) to 224, rotation, flips,
   float32 output; run in the peer venv (Pillow decode in its workers).
@@ -28,27 +28,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from zoobot_hpc.augment import GalaxyAugment
 from zoobot_hpc.catalog import read_catalog
-from zoobot_hpc.data import GalaxyDataset, ImageError, LoaderSettings, grey_mean
+from zoobot_hpc.data import GalaxyDataset, LoaderSettings, grey_mean
 from zoobot_hpc.schema import load_schema
 
 BATCH, WORKERS, PREFETCH = 64, 2, 4
-
-
-class GreyDecodeDataset(GalaxyDataset):
-    """Prototype of the proposed `load_image` grey path: decode straight to one channel."""
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        path = str(self.file_locs[index])
-        with open(path, "rb") as f:
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-        try:
-            image = decode_jpeg(data, mode=ImageReadMode.GRAY)
-        except RuntimeError as err:
-            raise ImageError(f"image {path} cannot be decoded") from err
-        item = {"image": image, "index": index}
-        if self.votes is not None:
-            item["votes"] = torch.from_numpy(self.votes[index])
-        return item
 
 
 def run_epochs(loader, epochs: int) -> tuple[int, float]:
@@ -133,8 +116,8 @@ def main() -> None:
         shuffle=True,
         drop_last=True,
     )
-    proto = GreyDecodeDataset.from_catalog(catalog, schema.label_cols, color=False, size=(424, 424))
-    ours_grey = settings.loader(proto, shuffle=True, drop_last=True)
+    luma = GalaxyDataset.from_catalog(catalog, schema.label_cols, color=False, size=(424, 424), grey="luma")
+    ours_grey = settings.loader(luma, shuffle=True, drop_last=True)
     peer = Peer(
         "peer_loader.py",
         {
@@ -188,7 +171,7 @@ def main() -> None:
         f"{spread(rates['ours'])}"
     )
     print(
-        f"ours (prototype, decode to GRAY), uint8 batches:      {grey:7.0f} img/s "
+        f"ours (package, grey='luma'), uint8 batches:           {grey:7.0f} img/s "
         f"{spread(rates['ours_grey'])}"
     )
     print(
@@ -203,7 +186,7 @@ def main() -> None:
     print(f"(if the augmentation also ran on these 2 CPU cores, one after the other: {both:.0f} img/s)")
     print(
         f"RATIOS loader: ours/peer {ours / peer_rate:.2f}x (target >=3), ours/(limit x {WORKERS}) "
-        f"{ours / (limit * WORKERS):.0%} (target >=50%); GRAY-decode prototype: /peer "
+        f"{ours / (limit * WORKERS):.0%} (target >=50%); grey='luma': /peer "
         f"{grey / peer_rate:.2f}x, /(limit x {WORKERS}) {grey / (limit * WORKERS):.0%}"
     )
 

@@ -10,14 +10,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from zoobot_hpc import GalaxyZooModel, train
 from zoobot_hpc.catalog import read_catalog
+from zoobot_hpc.checkpoint import CheckpointError
 from zoobot_hpc.config import load_config
-from zoobot_hpc.data import GalaxyDataModule, LoaderSettings
+from zoobot_hpc.data import GalaxyDataModule, LoaderSettings, load_image
+from zoobot_hpc.prediction import load_model, load_predictions, predict
 from zoobot_hpc.training import read_metrics, read_splits
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
@@ -92,6 +96,33 @@ def test_colour_training_and_resnets(tmp_path, demo_frame):
     )  # fmt: skip
     assert model.hparams.channels == 3
     assert model.encoder.layer2[0].conv1.stride == (2, 2) and model.encoder.layer2[0].conv2.stride == (1, 1)
+
+
+def test_luma_grey_is_trained_recorded_and_used_for_prediction(tmp_path, demo_frame):
+    """grey='luma' reads the JPEG's own luma channel; the checkpoint records it, prediction and
+    resume follow it, and the model sees different pixels than with Zoobot's channel mean."""
+    frame = demo_frame.iloc[:60]
+    model, _ = train(tmp_path / "luma", "decals_rings", catalog=frame, epochs=1, grey="luma", **TINY)
+    assert model.hparams.grey == "luma"
+    paths = list(frame["file_loc"].iloc[:4])
+    luma = torch.stack([load_image(p, color=False, grey="luma") for p in paths])
+    mean = torch.stack([load_image(p, color=False) for p in paths])
+    with Image.open(paths[0]) as im:  # the JPEG's luma vs Pillow's luma of the rounded RGB decode
+        difference = (luma[0, 0].int() - torch.from_numpy(np.array(im.convert("L"))).int()).abs()
+    assert difference.max() <= 2 and difference.float().mean() < 0.5
+    assert not torch.equal(luma, mean)
+
+    checkpoint = next((tmp_path / "luma" / "checkpoints").glob("epoch=*.ckpt"))
+    out = predict(checkpoint, paths, tmp_path / "p.parquet", dropout=False, num_workers=0, progress=False)
+    predicted = load_predictions(out).set_index("id_str").loc[[Path(p).stem for p in paths]]
+    reloaded = load_model(checkpoint)
+    with torch.no_grad():
+        expected = reloaded(reloaded.augment(luma, train=False), dropout=False)
+    columns = [f"{c}_concentration" for c in reloaded.schema.label_cols]
+    assert np.allclose(predicted[columns].to_numpy(), expected.numpy(), rtol=1e-5)
+
+    with pytest.raises(CheckpointError, match="grey='luma' vs grey='mean'"):
+        train(tmp_path / "luma", "decals_rings", catalog=frame, epochs=2, **TINY)
 
 
 @pytest.mark.parametrize("architecture", ["efficientnet", "resnet_torchvision", "resnet_detectron"])

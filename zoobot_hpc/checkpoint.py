@@ -39,8 +39,10 @@ def read_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
     return dict(hparams)
 
 
-def check_resumable(checkpoint: str | Path, schema: Schema, model_architecture: str, channels: int) -> None:
-    """Refuse to resume from a checkpoint trained with another schema, architecture or channels."""
+def check_resumable(
+    checkpoint: str | Path, schema: Schema, model_architecture: str, channels: int, grey: str = "mean"
+) -> None:
+    """Refuse to resume from a checkpoint trained with another schema, architecture or input."""
     saved = read_hyperparameters(checkpoint)
     saved_schema = Schema.from_dict(saved["schema"])
     differences = []
@@ -54,6 +56,8 @@ def check_resumable(checkpoint: str | Path, schema: Schema, model_architecture: 
         differences.append(f"model_architecture {architecture!r} vs {model_architecture!r}")
     if saved.get("channels") != channels:
         differences.append(f"color={saved.get('channels') == 3} vs color={channels == 3}")
+    elif channels == 1 and saved.get("grey", "mean") != grey:
+        differences.append(f"grey={saved.get('grey', 'mean')!r} vs grey={grey!r}")
     if differences:
         raise CheckpointError(
             f"cannot resume from {checkpoint}: the checkpoint and this run differ in "

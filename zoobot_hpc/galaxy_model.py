@@ -43,6 +43,7 @@ class GalaxyZooModel(pl.LightningModule):
         channels_last: bool = False,
         on_nonfinite_loss: str = "error",
         package_version: str = "",
+        grey: str = "mean",
     ) -> None:
         super().__init__()
         check_policy("on_nonfinite_loss", on_nonfinite_loss)

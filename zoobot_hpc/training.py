@@ -29,7 +29,7 @@ from zoobot_hpc.bad_images import BadImagePolicy, check_policy
 from zoobot_hpc.catalog import CatalogLike, Splits, load_splits
 from zoobot_hpc.checkpoint import check_resumable
 from zoobot_hpc.config import check_argument_types, dump_yaml
-from zoobot_hpc.data import GalaxyDataModule, LoaderSettings, loader_errors_explained
+from zoobot_hpc.data import GREY_MODES, GalaxyDataModule, LoaderSettings, loader_errors_explained
 from zoobot_hpc.errors import InputError
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.hardware import HardwareSpec
@@ -84,6 +84,7 @@ def train(
     accelerator: str = "auto",
     resume: bool | str = "auto",
     channels_last: bool = False,
+    grey: str = "mean",
     on_bad_image: str = "error",
     on_nonfinite_loss: str = "error",
     loader_timeout: float = 600.0,
@@ -102,6 +103,8 @@ def train(
     `on_bad_image='skip'` trains without unreadable images (listed in `skipped_images.txt`) instead
     of stopping at the first; `on_nonfinite_loss='skip'` skips (and counts) a step whose loss is
     NaN/inf instead of stopping. `loader_timeout` (s) stops a run whose image reads hang.
+    `grey='luma'` decodes grey images as luma instead of Zoobot's channel mean (faster; see
+    `zoobot_hpc.data.GREY_MODES`).
     """
     arguments = dict(locals())  # before any other local: exactly what the caller asked for
 
@@ -109,6 +112,7 @@ def train(
     check_argument_types(arguments)  # a quoted YAML value is a string: `color: "no"` would be true
     check_policy("on_bad_image", on_bad_image)
     check_policy("on_nonfinite_loss", on_nonfinite_loss)
+    _check_grey(grey, color)
     if model_architecture not in ENCODERS:
         raise ModelError(
             f"model_architecture={model_architecture!r} is unknown; use one of {', '.join(ENCODERS)}"
@@ -130,7 +134,7 @@ def train(
     save_dir = _prepare_save_dir(save_dir)
     ckpt_path = resolve_resume(resume, save_dir)
     if ckpt_path is not None:
-        check_resumable(ckpt_path, schema, model_architecture, channels=3 if color else 1)
+        check_resumable(ckpt_path, schema, model_architecture, channels=3 if color else 1, grey=grey)
     splits = load_splits(
         schema, catalog, train_catalog, val_catalog, test_catalog, split_fractions, random_state
     )
@@ -155,6 +159,7 @@ def train(
             timeout_s=loader_timeout,
         ),
         seed=random_state,
+        grey=grey,
     )
     model = GalaxyZooModel(
         schema=schema.to_dict(),
@@ -169,6 +174,7 @@ def train(
         channels_last=channels_last,
         on_nonfinite_loss=on_nonfinite_loss,
         package_version=__version__,
+        grey=grey,
     )
     checkpointing = ModelCheckpoint(
         dirpath=save_dir / CHECKPOINT_DIR,
@@ -215,6 +221,13 @@ def train(
     report_after_training(save_dir)
     best_model = GalaxyZooModel.load_from_checkpoint(best_path, map_location="cpu")
     return best_model, trainer
+
+
+def _check_grey(grey: str, color: bool) -> None:
+    if grey not in GREY_MODES:
+        raise InputError(f"grey={grey!r}: use one of {', '.join(GREY_MODES)}")
+    if color and grey != "mean":
+        raise InputError(f"grey={grey!r} applies to grey images only; with color=True leave it out")
 
 
 def _check_positive(**values: int) -> None:
