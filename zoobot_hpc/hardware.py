@@ -29,6 +29,8 @@ from zoobot_hpc.errors import InputError, InputWarning
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 CONTAINER_RUNTIMES = ("apptainer", "charliecloud")  # a .sif file; an image directory run by ch-run
+# ch-run as Apptainer behaves: the image's ENV on top of the host's (SLURM_* pass), $HOME bound
+CHRUN_OPTIONS = "--home --set-env --unset-env=PYTHONPATH"
 REQUEUE_SIGNAL = "USR1"  # what StopOnSignal listens for inside Slurm jobs
 REQUEUE_SIGNAL_LEAD_S = 120  # Slurm may signal up to 60 s early; a checkpoint needs the rest
 # sbatch options the spec renders itself: setting them in extra_sbatch would contradict it

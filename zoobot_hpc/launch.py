@@ -17,7 +17,7 @@ from typing import Any
 
 from zoobot_hpc.config import dump_yaml, hardware_spec, load_config, train_kwargs
 from zoobot_hpc.errors import InputError
-from zoobot_hpc.hardware import HardwareSpec
+from zoobot_hpc.hardware import CHRUN_OPTIONS, HardwareSpec
 from zoobot_hpc.slurm import DIAGNOSTICS, node_cpus, outside_job
 
 EXECUTORS = ("slurm", "local", "debug")
@@ -57,7 +57,7 @@ def make_executor(
 def container_python(spec: HardwareSpec) -> str:
     """The command that starts Python in `spec.container` (as the job scripts do; see slurm.py)."""
     if spec.container_runtime == "charliecloud":
-        return f"ch-run --home --set-env --unset-env=PYTHONPATH {spec.container} -- python3"
+        return f"ch-run {CHRUN_OPTIONS} {spec.container} -- python3"
     nv = " --nv" if spec.resolved_accelerator == "gpu" else ""
     return f"apptainer exec{nv} {spec.container} python3"
 

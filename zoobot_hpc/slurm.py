@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from zoobot_hpc.errors import InputError
-from zoobot_hpc.hardware import HardwareSpec
+from zoobot_hpc.hardware import CHRUN_OPTIONS, HardwareSpec
 
 # Variables of the parent job that must not reach a job submitted from inside it: srun in the child
 # would read e.g. SLURM_NTASKS / SLURM_CPUS_PER_TASK of the parent and launch the wrong step.
@@ -50,12 +50,12 @@ elif [ "$RUNTIME" = charliecloud ]; then  # an image directory; for GPUs run `ch
   IFS=, read -r -a paths <<<"${ZOOBOT_BIND:-}"
   for path in "${paths[@]}"; do binds+=(-b "$path"); done
   export USER=${USER:-$(id -un)}  # ch-run requires it
-  python=(ch-run --home --set-env --unset-env=PYTHONPATH "${binds[@]}" "$IMAGE" -- python3)
+  python=(ch-run @CHRUN_OPTIONS@ "${binds[@]}" "$IMAGE" -- python3)
 else
   echo "zoobot job: ZOOBOT_RUNTIME=$RUNTIME: use apptainer or charliecloud" >&2
   exit 2
 fi
-"""
+""".replace("@CHRUN_OPTIONS@", CHRUN_OPTIONS)
 
 
 def _fill(template: str, **values: str) -> str:
