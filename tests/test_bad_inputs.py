@@ -451,8 +451,7 @@ BAD_SETTINGS = [
     ({"dropout_rate": 1.5}, ConfigError, ["dropout_rate=1.5: must be in [0, 1)", "e.g. 0.2"]),
     ({"gpus": -1}, HardwareError, ["gpus=-1: must be a whole number >= 0"]),
     ({"accelerator": "tpu"}, HardwareError, ["accelerator='tpu': use one of auto, cpu, gpu"]),
-    ({"grey": "lumen"}, InputError, ["grey='lumen': use one of mean, luma"]),
-    ({"grey": "luma", "color": True}, InputError, ["grey='luma' applies to grey images only"]),
+    ({"grey": "lumen"}, InputError, ["grey='lumen': use one of luma, mean"]),
 ]
 
 

@@ -7,18 +7,21 @@ measured by benchmarks/):
   configured bounds, and a known bright square covers the area fraction the crop scale implies;
 - MC dropout with the encoder run once equals n full forward passes when the dropout masks are the
   same (same seed);
-- the integer grey conversion equals the rounded float mean of R, G and B for every possible sum.
+- the integer grey conversion equals the rounded float mean of R, G and B for every possible sum;
+- the luma grey of a PNG and of a format only Pillow reads uses the JPEG's weights.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from zoobot_hpc.augment import GalaxyAugment
-from zoobot_hpc.data import grey_mean
+from zoobot_hpc.data import grey_mean, load_image
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.loss import dirichlet_multinomial_nll
 from zoobot_hpc.schema import load_schema
@@ -227,3 +230,18 @@ def test_integer_grey_equals_the_rounded_float_mean_for_every_sum():
     rgb = torch.stack(torch.meshgrid(levels, levels, blues, indexing="ij")).reshape(3, 256, -1)
     expected = (rgb.double().sum(dim=0) / 3).round().to(torch.uint8)
     assert torch.equal(grey_mean(rgb)[0], expected)  # every sum 0..765, many ways each
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tiff"])
+def test_luma_of_other_formats_uses_the_jpeg_weights(tmp_path, suffix):
+    """A catalog mixing formats gets one grey: 0.299 R + 0.587 G + 0.114 B, whatever the decoder.
+
+    Colour ramps, not a galaxy: galaxies are nearly grey, where every weighting agrees within a level;
+    here Rec. 709's weights (libpng's own default) would be off by up to 30 levels.
+    """
+    x, y = np.meshgrid(np.arange(256), np.arange(256))
+    rgb = np.stack([x, y, 255 - x], axis=2).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / f"ramps{suffix}")  # lossless
+    luma = load_image(str(tmp_path / f"ramps{suffix}"), color=False, grey="luma")[0].double()
+    expected = torch.from_numpy(rgb).double() @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+    assert (luma - expected).abs().max() <= 1.5  # libpng truncates where JPEG and Pillow round

@@ -98,31 +98,36 @@ def test_colour_training_and_resnets(tmp_path, demo_frame):
     assert model.encoder.layer2[0].conv1.stride == (2, 2) and model.encoder.layer2[0].conv2.stride == (1, 1)
 
 
-def test_luma_grey_is_trained_recorded_and_used_for_prediction(tmp_path, demo_frame):
-    """grey='luma' reads the JPEG's own luma channel; the checkpoint records it, prediction and
-    resume follow it, and the model sees different pixels than with Zoobot's channel mean."""
-    frame = demo_frame.iloc[:60]
-    model, _ = train(tmp_path / "luma", "decals_rings", catalog=frame, epochs=1, grey="luma", **TINY)
-    assert model.hparams.grey == "luma"
-    paths = list(frame["file_loc"].iloc[:4])
-    luma = torch.stack([load_image(p, color=False, grey="luma") for p in paths])
-    mean = torch.stack([load_image(p, color=False) for p in paths])
+def test_grey_mode_is_trained_recorded_and_used_for_prediction(tmp_path, demo_frame):
+    """The default grey is the JPEG's own luma channel; grey='mean' (Zoobot's) is recorded in the
+    checkpoint, prediction decodes as trained, and resuming with the default grey is refused."""
+    paths = list(demo_frame["file_loc"].iloc[:4])
+    luma = torch.stack([load_image(p, color=False) for p in paths])
+    mean = torch.stack([load_image(p, color=False, grey="mean") for p in paths])
     with Image.open(paths[0]) as im:  # the JPEG's luma vs Pillow's luma of the rounded RGB decode
         difference = (luma[0, 0].int() - torch.from_numpy(np.array(im.convert("L"))).int()).abs()
     assert difference.max() <= 2 and difference.float().mean() < 0.5
+    with Image.open(paths[0]) as im:  # Zoobot's grey: the rounded mean of R, G and B
+        rgb = torch.from_numpy(np.array(im.convert("RGB"))).double()
+    assert torch.equal(mean[0, 0], (rgb.sum(dim=2) / 3).round().to(torch.uint8))
     assert not torch.equal(luma, mean)
 
-    checkpoint = next((tmp_path / "luma" / "checkpoints").glob("epoch=*.ckpt"))
+    frame = demo_frame.iloc[:60]
+    trained, _ = train(tmp_path / "mean", "decals_rings", catalog=frame, epochs=1, grey="mean", **TINY)
+    assert trained.hparams.grey == "mean"
+    checkpoint = next((tmp_path / "mean" / "checkpoints").glob("epoch=*.ckpt"))
     out = predict(checkpoint, paths, tmp_path / "p.parquet", dropout=False, num_workers=0, progress=False)
     predicted = load_predictions(out).set_index("id_str").loc[[Path(p).stem for p in paths]]
     reloaded = load_model(checkpoint)
     with torch.no_grad():
-        expected = reloaded(reloaded.augment(luma, train=False), dropout=False)
+        expected = reloaded(reloaded.augment(mean, train=False), dropout=False)
     columns = [f"{c}_concentration" for c in reloaded.schema.label_cols]
     assert np.allclose(predicted[columns].to_numpy(), expected.numpy(), rtol=1e-5)
 
-    with pytest.raises(CheckpointError, match="grey='luma' vs grey='mean'"):
-        train(tmp_path / "luma", "decals_rings", catalog=frame, epochs=2, **TINY)
+    with pytest.raises(
+        CheckpointError, match=r"grey='mean' vs grey='luma' \(set grey='mean' to continue it\)"
+    ):
+        train(tmp_path / "mean", "decals_rings", catalog=frame, epochs=2, **TINY)
 
 
 @pytest.mark.parametrize("architecture", ["efficientnet", "resnet_torchvision", "resnet_detectron"])

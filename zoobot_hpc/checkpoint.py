@@ -16,6 +16,8 @@ import torch
 from zoobot_hpc.errors import InputError
 from zoobot_hpc.schema import Schema
 
+UNRECORDED_GREY = "mean"  # what checkpoints written before `grey` was recorded were trained on
+
 
 class CheckpointError(InputError):
     """A checkpoint is missing, corrupt, not a zoobot-hpc checkpoint, or does not fit the run."""
@@ -40,7 +42,7 @@ def read_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def check_resumable(
-    checkpoint: str | Path, schema: Schema, model_architecture: str, channels: int, grey: str = "mean"
+    checkpoint: str | Path, schema: Schema, model_architecture: str, channels: int, grey: str
 ) -> None:
     """Refuse to resume from a checkpoint trained with another schema, architecture or input."""
     saved = read_hyperparameters(checkpoint)
@@ -56,8 +58,9 @@ def check_resumable(
         differences.append(f"model_architecture {architecture!r} vs {model_architecture!r}")
     if saved.get("channels") != channels:
         differences.append(f"color={saved.get('channels') == 3} vs color={channels == 3}")
-    elif channels == 1 and saved.get("grey", "mean") != grey:
-        differences.append(f"grey={saved.get('grey', 'mean')!r} vs grey={grey!r}")
+    elif channels == 1 and saved.get("grey", UNRECORDED_GREY) != grey:
+        saved_grey = saved.get("grey", UNRECORDED_GREY)
+        differences.append(f"grey={saved_grey!r} vs grey={grey!r} (set grey={saved_grey!r} to continue it)")
     if differences:
         raise CheckpointError(
             f"cannot resume from {checkpoint}: the checkpoint and this run differ in "

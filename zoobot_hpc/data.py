@@ -28,11 +28,13 @@ from zoobot_hpc.errors import InputError, RunError
 from zoobot_hpc.interruptions import seed_step
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-# Grey images (color=False) as: "mean", Zoobot's unweighted mean of R, G and B (galaxy-datasets'
-# GrayscaleUnweighted); or "luma", 0.299 R + 0.587 G + 0.114 B, which a JPEG stores as its own channel
-# and decodes without the colour planes: about 1.6x the images/s per loader worker. A model trained
-# with one should predict with the same: the checkpoint records it.
-GREY_MODES = ("mean", "luma")
+# Grey images (color=False) as: "luma", 0.299 R + 0.587 G + 0.114 B, which a JPEG stores as its own
+# channel and decodes without the colour planes (the default: about 1.6x the images/s per loader
+# worker); or "mean", Zoobot's unweighted mean of R, G and B (galaxy-datasets' GrayscaleUnweighted),
+# for inputs identical to Zoobot's. A model predicts with the grey it was trained on: the checkpoint
+# records it.
+GREY_MODES = ("luma", "mean")
+DEFAULT_GREY = "luma"
 
 
 class ImageError(InputError):
@@ -44,7 +46,7 @@ class LoaderError(RunError):
 
 
 def load_image(
-    path: str, color: bool, size: tuple[int, int] | None = None, grey: str = "mean"
+    path: str, color: bool, size: tuple[int, int] | None = None, grey: str = DEFAULT_GREY
 ) -> torch.Tensor:
     """uint8 (C, H, W): RGB for `color`, else one grey channel (`GREY_MODES`).
 
@@ -125,7 +127,7 @@ class GalaxyDataset(Dataset):
         votes: np.ndarray | None,
         color: bool,
         size: tuple[int, int],
-        grey: str = "mean",
+        grey: str = DEFAULT_GREY,
     ) -> None:
         self.file_locs = np.asarray(file_locs, dtype=str)  # fixed-width unicode: no Python objects
         self.votes = None if votes is None else np.ascontiguousarray(votes, dtype=np.int32)
@@ -141,7 +143,7 @@ class GalaxyDataset(Dataset):
         label_cols: list[str] | None,
         color: bool,
         size: tuple[int, int],
-        grey: str = "mean",
+        grey: str = DEFAULT_GREY,
     ) -> GalaxyDataset:
         votes = catalog[label_cols].to_numpy() if label_cols else None
         return cls(catalog["file_loc"].to_numpy(dtype=str), votes, color, size, grey)
@@ -259,7 +261,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         color: bool,
         loader: LoaderSettings,
         seed: int = 0,
-        grey: str = "mean",
+        grey: str = DEFAULT_GREY,
     ) -> None:
         super().__init__()
         self.frames = {"train": train, "val": val, "test": test}

@@ -16,6 +16,7 @@ import torch
 
 from zoobot_hpc.augment import GalaxyAugment
 from zoobot_hpc.bad_images import check_policy
+from zoobot_hpc.checkpoint import UNRECORDED_GREY
 from zoobot_hpc.errors import InputError, RunError
 from zoobot_hpc.loss import dirichlet_multinomial_nll
 from zoobot_hpc.models import DirichletHead, build_encoder
@@ -43,7 +44,7 @@ class GalaxyZooModel(pl.LightningModule):
         channels_last: bool = False,
         on_nonfinite_loss: str = "error",
         package_version: str = "",
-        grey: str = "mean",
+        grey: str = UNRECORDED_GREY,  # train() always passes its own
     ) -> None:
         super().__init__()
         check_policy("on_nonfinite_loss", on_nonfinite_loss)

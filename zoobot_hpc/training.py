@@ -29,7 +29,13 @@ from zoobot_hpc.bad_images import BadImagePolicy, check_policy
 from zoobot_hpc.catalog import CatalogLike, Splits, load_splits
 from zoobot_hpc.checkpoint import check_resumable
 from zoobot_hpc.config import check_argument_types, dump_yaml
-from zoobot_hpc.data import GREY_MODES, GalaxyDataModule, LoaderSettings, loader_errors_explained
+from zoobot_hpc.data import (
+    DEFAULT_GREY,
+    GREY_MODES,
+    GalaxyDataModule,
+    LoaderSettings,
+    loader_errors_explained,
+)
 from zoobot_hpc.errors import InputError
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.hardware import HardwareSpec
@@ -84,7 +90,7 @@ def train(
     accelerator: str = "auto",
     resume: bool | str = "auto",
     channels_last: bool = False,
-    grey: str = "mean",
+    grey: str = DEFAULT_GREY,
     on_bad_image: str = "error",
     on_nonfinite_loss: str = "error",
     loader_timeout: float = 600.0,
@@ -103,8 +109,8 @@ def train(
     `on_bad_image='skip'` trains without unreadable images (listed in `skipped_images.txt`) instead
     of stopping at the first; `on_nonfinite_loss='skip'` skips (and counts) a step whose loss is
     NaN/inf instead of stopping. `loader_timeout` (s) stops a run whose image reads hang.
-    `grey='luma'` decodes grey images as luma instead of Zoobot's channel mean (faster; see
-    `zoobot_hpc.data.GREY_MODES`).
+    `grey` is how images become grey with `color=False`: `'luma'`, the JPEG's own luma channel
+    (fastest), or `'mean'`, Zoobot's mean of R, G and B (see `zoobot_hpc.data.GREY_MODES`).
     """
     arguments = dict(locals())  # before any other local: exactly what the caller asked for
 
@@ -112,7 +118,8 @@ def train(
     check_argument_types(arguments)  # a quoted YAML value is a string: `color: "no"` would be true
     check_policy("on_bad_image", on_bad_image)
     check_policy("on_nonfinite_loss", on_nonfinite_loss)
-    _check_grey(grey, color)
+    if grey not in GREY_MODES:
+        raise InputError(f"grey={grey!r}: use one of {', '.join(GREY_MODES)}")
     if model_architecture not in ENCODERS:
         raise ModelError(
             f"model_architecture={model_architecture!r} is unknown; use one of {', '.join(ENCODERS)}"
@@ -221,13 +228,6 @@ def train(
     report_after_training(save_dir)
     best_model = GalaxyZooModel.load_from_checkpoint(best_path, map_location="cpu")
     return best_model, trainer
-
-
-def _check_grey(grey: str, color: bool) -> None:
-    if grey not in GREY_MODES:
-        raise InputError(f"grey={grey!r}: use one of {', '.join(GREY_MODES)}")
-    if color and grey != "mean":
-        raise InputError(f"grey={grey!r} applies to grey images only; with color=True leave it out")
 
 
 def _check_positive(**values: int) -> None:
