@@ -30,3 +30,7 @@ def test_loader_bound_advice_names_the_cures_that_apply():
     jpeg_run = ThroughputMonitor(num_workers=10_000, file_locs=np.array(["a.jpg"]))
     jpeg_run.waits, jpeg_run.steps, jpeg_run.images = [1.0], [1.0], 10
     assert "JPEG" not in jpeg_run.advice(0.5) and "num_workers" not in jpeg_run.advice(0.5)
+    assert "grey='luma'" not in jpeg_run.advice(0.5)
+    zoobot_grey_run = ThroughputMonitor(num_workers=10_000, file_locs=np.array(["a.jpg"]), grey_from_rgb=True)
+    zoobot_grey_run.waits, zoobot_grey_run.steps, zoobot_grey_run.images = [1.0], [1.0], 10
+    assert "train with grey='luma'" in zoobot_grey_run.advice(0.5)

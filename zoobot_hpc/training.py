@@ -203,7 +203,11 @@ def train(
             EarlyStopping(monitor="val_loss", mode="min", patience=patience),
             bad_images,
             StopOnSignal(save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, hardware.requeue_signal()),
-            ThroughputMonitor(num_workers, splits.train["file_loc"].to_numpy(dtype=str)),
+            ThroughputMonitor(
+                num_workers,
+                splits.train["file_loc"].to_numpy(dtype=str),
+                grey_from_rgb=not color and grey == "mean",
+            ),
         ],
         logger=_loggers(save_dir, logger, wandb_logger),
         plugins=plugins,
