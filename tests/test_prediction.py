@@ -15,10 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from zoobot_hpc import train
 from zoobot_hpc.cli import main
 from zoobot_hpc.data import ImageError, load_image
+from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.prediction import (
     CheckpointError,
     PredictionError,
@@ -338,3 +340,37 @@ def test_cli_predict_and_merge(tmp_path, checkpoint, image_folder, capsys):
     assert main(["predict", *args[:2], str(tmp_path / "x.txt")]) == 2
     assert main(["predict", *args, "--gpus", "2"]) == 2
     assert "one device per process" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_grey_was_recorded_predicts_with_the_mean(tmp_path, checkpoint, demo_frame):
+    """Such checkpoints were trained on Zoobot's mean grey: prediction must decode them the same way.
+
+    The galaxies are tinted (red up, blue down), where luma and mean differ by tens of levels, and
+    the model is a freshly initialised ResNet, whose outputs follow the pixels (those of the tiny
+    trained EfficientNet, or of a fresh one, hardly move): predicting from luma pixels would be caught.
+    """
+    content = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert content["hyper_parameters"].pop("grey") == "luma"  # trained with the defaults
+    paths = []
+    for source in demo_frame["file_loc"].iloc[:3]:
+        with Image.open(source) as im:
+            rgb = np.asarray(im.convert("RGB")) * np.array([1.8, 1.0, 0.3])
+        paths.append(str(tmp_path / f"{Path(source).stem}.png"))
+        Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(paths[-1])
+    content["hyper_parameters"]["model_architecture"] = "resnet_detectron"
+    torch.manual_seed(0)
+    content["state_dict"] = GalaxyZooModel(**content["hyper_parameters"]).state_dict()
+    old = tmp_path / "old.ckpt"
+    torch.save(content, old)
+    model = load_model(old)
+    assert model.hparams.grey == "mean"
+    out = predict(old, paths, tmp_path / "p.parquet", dropout=False, **FAST)
+    predicted = load_predictions(out).set_index("id_str").loc[[Path(p).stem for p in paths]]
+    expected = {}
+    for grey in ("mean", "luma"):
+        pixels = torch.stack([load_image(p, color=False, grey=grey) for p in paths])
+        with torch.no_grad():
+            expected[grey] = model(model.augment(pixels, train=False), dropout=False).numpy()
+    assert not np.allclose(expected["mean"], expected["luma"], rtol=1e-5)
+    columns = [f"{c}_concentration" for c in model.schema.label_cols]
+    assert np.allclose(predicted[columns].to_numpy(), expected["mean"], rtol=1e-5)

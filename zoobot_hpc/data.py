@@ -29,7 +29,7 @@ from zoobot_hpc.interruptions import seed_step
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Grey images (color=False) as: "luma", 0.299 R + 0.587 G + 0.114 B, which a JPEG stores as its own
-# channel and decodes without the colour planes (the default: about 1.6x the images/s per loader
+# channel and decodes without the colour planes (the default: about 1.7x the images/s per loader
 # worker); or "mean", Zoobot's unweighted mean of R, G and B (galaxy-datasets' GrayscaleUnweighted),
 # for inputs identical to Zoobot's. A model predicts with the grey it was trained on: the checkpoint
 # records it.

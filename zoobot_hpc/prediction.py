@@ -37,7 +37,7 @@ from zoobot_hpc import __version__
 from zoobot_hpc.atomic import atomic_path, remove_stale_temporaries, write_text
 from zoobot_hpc.bad_images import check_policy, write_skip_list
 from zoobot_hpc.catalog import CatalogError, find_problems, read_catalog
-from zoobot_hpc.checkpoint import UNRECORDED_GREY, CheckpointError
+from zoobot_hpc.checkpoint import CheckpointError
 from zoobot_hpc.data import (
     IMAGE_SUFFIXES,
     GalaxyDataset,
@@ -272,7 +272,7 @@ def predict_inputs(
     locs = inputs["file_loc"].to_numpy(dtype=str)
     color = model.hparams.channels == 3
     size = common_image_size(list(locs), fallback=model.hparams.resize_size)
-    dataset = GalaxyDataset(locs, None, color, size, model.hparams.get("grey", UNRECORDED_GREY))  # as trained
+    dataset = GalaxyDataset(locs, None, color, size, model.hparams.grey)  # as trained
     settings = LoaderSettings(batch_size, num_workers, 2, pin_memory=device.type == "cuda", timeout_s=600)
     samples_per_image = n_samples if dropout else 1
     out = np.zeros((len(locs), samples_per_image, len(model.schema.label_cols)), dtype=np.float32)
