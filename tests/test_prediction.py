@@ -79,6 +79,27 @@ def model(checkpoint):
     return load_model(checkpoint)
 
 
+@pytest.fixture(scope="module")
+def resnet_checkpoint(tmp_path_factory, checkpoint) -> Path:
+    """The trained run's checkpoint with a freshly initialised ResNet in it: its outputs follow the
+    pixels, where those of the tiny trained EfficientNet (or of a fresh one) hardly move, so tests
+    that match predictions to images can fail."""
+    content = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    content["hyper_parameters"]["model_architecture"] = "resnet_detectron"
+    torch.manual_seed(0)
+    content["state_dict"] = GalaxyZooModel(**content["hyper_parameters"]).state_dict()
+    path = tmp_path_factory.mktemp("resnet") / "resnet.ckpt"
+    torch.save(content, path)
+    return path
+
+
+def concentrations_of(model, paths: list[str], grey: str) -> np.ndarray:
+    """The model applied directly to the images, one batch, no dropout: what prediction must give."""
+    pixels = torch.stack([load_image(p, color=False, grey=grey) for p in paths])
+    with torch.no_grad():
+        return model(model.augment(pixels, train=False), dropout=False).numpy()
+
+
 FAST = {"batch_size": 8, "num_workers": 0, "progress": False}
 
 
@@ -342,35 +363,41 @@ def test_cli_predict_and_merge(tmp_path, checkpoint, image_folder, capsys):
     assert "one device per process" in capsys.readouterr().err
 
 
-def test_a_checkpoint_from_before_grey_was_recorded_predicts_with_the_mean(tmp_path, checkpoint, demo_frame):
-    """Such checkpoints were trained on Zoobot's mean grey: prediction must decode them the same way.
+def test_each_prediction_belongs_to_its_image_through_shards_and_merge(
+    tmp_path, resnet_checkpoint, image_folder
+):
+    out = tmp_path / "parts"
+    predict(resnet_checkpoint, image_folder, out, dropout=False, num_shards=3, **{**FAST, "batch_size": 5})
+    merged = load_predictions(merge_parts(out, tmp_path / "all.parquet", images=image_folder))
+    inputs = resolve_inputs(image_folder).set_index("id_str")
+    paths = list(inputs.loc[merged["id_str"], "file_loc"])
+    model = load_model(resnet_checkpoint)
+    expected = concentrations_of(model, paths, "luma")
+    assert np.abs(expected - expected.mean(axis=0)).max() > 1.0  # the galaxies' outputs differ
+    columns = [f"{c}_concentration" for c in model.schema.label_cols]
+    np.testing.assert_allclose(merged[columns].to_numpy(), expected, rtol=1e-4)
 
-    The galaxies are tinted (red up, blue down), where luma and mean differ by tens of levels, and
-    the model is a freshly initialised ResNet, whose outputs follow the pixels (those of the tiny
-    trained EfficientNet, or of a fresh one, hardly move): predicting from luma pixels would be caught.
-    """
-    content = torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+def test_a_checkpoint_from_before_grey_was_recorded_predicts_with_the_mean(
+    tmp_path, resnet_checkpoint, demo_frame
+):
+    """Such checkpoints were trained on Zoobot's mean grey: prediction must decode them the same way.
+    The galaxies are tinted (red up, blue down), where luma and mean differ by tens of levels."""
+    content = torch.load(resnet_checkpoint, map_location="cpu", weights_only=False)
     assert content["hyper_parameters"].pop("grey") == "luma"  # trained with the defaults
+    old = tmp_path / "old.ckpt"
+    torch.save(content, old)
     paths = []
     for source in demo_frame["file_loc"].iloc[:3]:
         with Image.open(source) as im:
             rgb = np.asarray(im.convert("RGB")) * np.array([1.8, 1.0, 0.3])
         paths.append(str(tmp_path / f"{Path(source).stem}.png"))
         Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(paths[-1])
-    content["hyper_parameters"]["model_architecture"] = "resnet_detectron"
-    torch.manual_seed(0)
-    content["state_dict"] = GalaxyZooModel(**content["hyper_parameters"]).state_dict()
-    old = tmp_path / "old.ckpt"
-    torch.save(content, old)
     model = load_model(old)
     assert model.hparams.grey == "mean"
     out = predict(old, paths, tmp_path / "p.parquet", dropout=False, **FAST)
     predicted = load_predictions(out).set_index("id_str").loc[[Path(p).stem for p in paths]]
-    expected = {}
-    for grey in ("mean", "luma"):
-        pixels = torch.stack([load_image(p, color=False, grey=grey) for p in paths])
-        with torch.no_grad():
-            expected[grey] = model(model.augment(pixels, train=False), dropout=False).numpy()
+    expected = {grey: concentrations_of(model, paths, grey) for grey in ("mean", "luma")}
     assert not np.allclose(expected["mean"], expected["luma"], rtol=1e-5)
     columns = [f"{c}_concentration" for c in model.schema.label_cols]
     assert np.allclose(predicted[columns].to_numpy(), expected["mean"], rtol=1e-5)
