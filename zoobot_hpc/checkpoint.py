@@ -56,10 +56,10 @@ def check_resumable(
     if saved.get("model_architecture") != model_architecture:
         architecture = saved.get("model_architecture")
         differences.append(f"model_architecture {architecture!r} vs {model_architecture!r}")
+    saved_grey = saved.get("grey", UNRECORDED_GREY)
     if saved.get("channels") != channels:
         differences.append(f"color={saved.get('channels') == 3} vs color={channels == 3}")
-    elif channels == 1 and saved.get("grey", UNRECORDED_GREY) != grey:
-        saved_grey = saved.get("grey", UNRECORDED_GREY)
+    elif channels == 1 and saved_grey != grey:
         differences.append(f"grey={saved_grey!r} vs grey={grey!r} (set grey={saved_grey!r} to continue it)")
     if differences:
         raise CheckpointError(
