@@ -196,7 +196,7 @@ RELATIVE = st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=5).map("/".j
     paths=st.lists(st.one_of(st.none(), RELATIVE, RELATIVE.map(lambda p: "/" + p)), max_size=30),
     base=st.sampled_from(["/data/catalogs", "/", "/x/y/z"]),
 )
-def test_absolute_paths_is_normpath_of_join(paths, base):
+def test_absolute_paths_joins_relative_paths_to_the_base(paths, base):
     got = absolute_paths(pd.Series(paths, dtype=object), Path(base))
     for path, result in zip(paths, got, strict=True):
         if path is None:
@@ -204,7 +204,7 @@ def test_absolute_paths_is_normpath_of_join(paths, base):
         elif not path or path.startswith("/"):
             assert result == path
         else:
-            assert result == os.path.normpath(os.path.join(base, path))
+            assert result == os.path.join(base, path)
 
 
 PICKS = ["small/g0.jpg", "small/g9.jpg", "big/g3.jpg", "big/g200.jpg", "big/sub", "nowhere/g0.jpg",
