@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -129,7 +130,7 @@ class GalaxyDataset(Dataset):
         size: tuple[int, int],
         grey: str = DEFAULT_GREY,
     ) -> None:
-        self.file_locs = np.asarray(file_locs, dtype=str)  # fixed-width unicode: no Python objects
+        self.file_locs = packed_strings(file_locs)
         self.votes = None if votes is None else np.ascontiguousarray(votes, dtype=np.int32)
         self.color = color
         self.size = size
@@ -146,14 +147,14 @@ class GalaxyDataset(Dataset):
         grey: str = DEFAULT_GREY,
     ) -> GalaxyDataset:
         votes = catalog[label_cols].to_numpy() if label_cols else None
-        return cls(catalog["file_loc"].to_numpy(dtype=str), votes, color, size, grey)
+        return cls(catalog["file_loc"], votes, color, size, grey)
 
     def __len__(self) -> int:
         return len(self.file_locs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
-            image = load_image(str(self.file_locs[index]), self.color, self.size, self.grey)
+            image = load_image(self.file_locs[int(index)].as_py(), self.color, self.size, self.grey)
             ok, error = True, ""
         except ImageError as err:
             image, ok, error = self.blank, False, str(err)
@@ -161,6 +162,16 @@ class GalaxyDataset(Dataset):
         if self.votes is not None:
             item["votes"] = torch.from_numpy(self.votes[index])
         return item
+
+
+def packed_strings(values: Sequence[str] | np.ndarray | pd.Series) -> pa.Array:
+    """Strings as one Arrow array (their bytes end to end, plus offsets): forked loader workers share
+    it without per-row Python objects whose reference counts would copy pages, and unlike a
+    fixed-width numpy array it does not pad every path to the longest one."""
+    if not isinstance(values, pd.Series):
+        values = pd.Series(np.asarray(values, dtype=object))
+    array = pa.array(values.astype(str), type=pa.large_string(), from_pandas=True)
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
 def common_image_size(file_locs: Sequence[str], fallback: int | None = None) -> tuple[int, int]:
