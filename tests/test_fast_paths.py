@@ -8,20 +8,23 @@ measured by benchmarks/):
 - MC dropout with the encoder run once equals n full forward passes when the dropout masks are the
   same (same seed);
 - the integer grey conversion equals the rounded float mean of R, G and B for every possible sum;
-- the luma grey of a PNG and of a format only Pillow reads uses the JPEG's weights.
+- the luma grey of a PNG and of a format only Pillow reads uses the JPEG's weights;
+- the dataset's packed paths load each row's own image through worker processes.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from zoobot_hpc.augment import GalaxyAugment
-from zoobot_hpc.data import grey_mean, load_image
+from zoobot_hpc.data import GalaxyDataset, LoaderSettings, grey_mean, load_image
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.loss import dirichlet_multinomial_nll
 from zoobot_hpc.schema import load_schema
@@ -245,3 +248,22 @@ def test_luma_of_other_formats_uses_the_jpeg_weights(tmp_path, suffix):
     luma = load_image(str(tmp_path / f"ramps{suffix}"), color=False, grey="luma")[0].double()
     expected = torch.from_numpy(rgb).double() @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
     assert (luma - expected).abs().max() <= 1.5  # libpng truncates where JPEG and Pillow round
+
+
+def test_packed_paths_give_each_row_its_own_image_through_worker_processes(tmp_path, demo_frame):
+    """The dataset's paths live in one Arrow array; through forked workers every row still loads its
+    own file, whatever the path's length or characters."""
+    folders = [tmp_path / "a", tmp_path / "galaxies é ü", tmp_path / ("deep_" * 40) / "x"]
+    rows = []
+    for i, loc in enumerate(demo_frame["file_loc"].iloc[:12]):
+        target = folders[i % 3] / f"g {i}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(loc, target)
+        rows.append(str(target))
+    catalog = pd.DataFrame({"id_str": [f"g{i}" for i in range(len(rows))], "file_loc": rows})
+    dataset = GalaxyDataset.from_catalog(catalog, None, color=False, size=(128, 128))
+    loader = LoaderSettings(batch_size=4, num_workers=2, prefetch_factor=2).loader(dataset, shuffle=False)
+    images = torch.cat([batch["image"] for batch in loader])
+    expected = torch.stack([load_image(path, color=False, size=(128, 128)) for path in rows])
+    assert torch.equal(images, expected)
+    assert len({image.sum().item() for image in images}) == len(rows)  # 12 different galaxies
