@@ -104,7 +104,7 @@ def absolute_paths(paths: pd.Series, base: Path) -> pd.Series:
     path (`normpath` would change what a path through a symbolic link means), and a million rows
     cost one Arrow string join.
     """
-    text = _arrow_text(paths)
+    text = arrow_strings(paths)
     relative = np.asarray(pc.invert(pc.starts_with(text, "/")).fill_null(False)) & _non_empty(text)
     if relative.any():
         joined = pc.binary_join_element_wise(_large(str(base).rstrip("/") + "/"), text, _large(""))
@@ -117,8 +117,10 @@ def _non_empty(text: pa.Array) -> np.ndarray:
     return np.asarray(pc.greater(pc.binary_length(text), 0).fill_null(False))
 
 
-def _arrow_text(values: pd.Series) -> pa.Array:
-    """The values as one Arrow large_string array, nulls kept (zero-copy for pandas' Arrow strings)."""
+def arrow_strings(values: pd.Series) -> pa.Array:
+    """The values as one Arrow large_string array, nulls kept (zero-copy for pandas' Arrow strings).
+
+    Also how the data loader holds its paths: one buffer, no per-row Python objects."""
     if not isinstance(values.dtype, pd.StringDtype):
         values = values.astype(str).where(values.notna(), None)  # Path objects, numbers
     text = pa.array(values, from_pandas=True)
@@ -221,7 +223,7 @@ def _with_close_names(missing: list[str], columns: Sequence[object]) -> list[str
 
 
 def _check_ids(ids: pd.Series, problems: Problems) -> None:
-    text = _arrow_text(ids)
+    text = arrow_strings(ids)
     empty = ~_non_empty(text)
     problems.add("empty id_str (give every galaxy an id)", _rows(np.flatnonzero(empty)))
     if pd.Index(ids).is_unique:  # the common case, at half the cost of finding which rows repeat
@@ -238,7 +240,7 @@ def _duplicated(values: pa.Array) -> np.ndarray:
 
 
 def _check_paths(locs: pd.Series, check_files: bool, problems: Problems) -> None:
-    text = _arrow_text(locs)
+    text = arrow_strings(locs)
     empty = ~_non_empty(text)
     problems.add("empty file_loc", _rows(np.flatnonzero(empty)))
     if check_files:

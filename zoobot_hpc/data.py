@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import resize
 
+from zoobot_hpc.catalog import arrow_strings
 from zoobot_hpc.errors import InputError, RunError
 from zoobot_hpc.interruptions import seed_step
 
@@ -130,7 +130,9 @@ class GalaxyDataset(Dataset):
         size: tuple[int, int],
         grey: str = DEFAULT_GREY,
     ) -> None:
-        self.file_locs = packed_strings(file_locs)
+        # one Arrow buffer: forked workers share it without per-row objects whose reference counts
+        # would copy pages, and no path is padded to the longest one (as in a fixed-width numpy array)
+        self.file_locs = arrow_strings(pd.Series(file_locs))
         self.votes = None if votes is None else np.ascontiguousarray(votes, dtype=np.int32)
         self.color = color
         self.size = size
@@ -164,16 +166,6 @@ class GalaxyDataset(Dataset):
         return item
 
 
-def packed_strings(values: Sequence[str] | np.ndarray | pd.Series) -> pa.Array:
-    """Strings as one Arrow array (their bytes end to end, plus offsets): forked loader workers share
-    it without per-row Python objects whose reference counts would copy pages, and unlike a
-    fixed-width numpy array it does not pad every path to the longest one."""
-    if not isinstance(values, pd.Series):
-        values = pd.Series(np.asarray(values, dtype=object))
-    array = pa.array(values.astype(str), type=pa.large_string(), from_pandas=True)
-    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
-
-
 def common_image_size(file_locs: Sequence[str], fallback: int | None = None) -> tuple[int, int]:
     """The size every image is brought to so batches stack: that of the first readable image."""
     for loc in file_locs[:50]:
@@ -194,7 +186,7 @@ def unreadable_images(file_locs: Sequence[str], color: bool, num_workers: int) -
     from tqdm.auto import tqdm
 
     locs = np.asarray(file_locs, dtype=str)
-    dataset = GalaxyDataset(locs, None, color, common_image_size(list(locs), fallback=64))
+    dataset = GalaxyDataset(locs, None, color, common_image_size(locs, fallback=64))
     loader = LoaderSettings(batch_size=32, num_workers=num_workers, prefetch_factor=2).loader(dataset)
     bad: list[tuple[str, str]] = []
     with tqdm(total=len(locs), unit="img", desc="decoding", disable=None) as bar:
@@ -280,7 +272,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         self.color = color
         self.loader_settings = loader
         self.seed = seed
-        self.image_size = common_image_size(train["file_loc"].to_numpy(dtype=str))
+        self.image_size = common_image_size(train["file_loc"].array)
         self.datasets = {
             split: GalaxyDataset.from_catalog(frame, label_cols, color, self.image_size, grey)
             for split, frame in self.frames.items()

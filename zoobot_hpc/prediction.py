@@ -271,8 +271,8 @@ def predict_inputs(
     model = model.to(device).eval()
     locs = inputs["file_loc"].to_numpy(dtype=str)
     color = model.hparams.channels == 3
-    size = common_image_size(list(locs), fallback=model.hparams.resize_size)
-    dataset = GalaxyDataset(locs, None, color, size, model.hparams.grey)  # as trained
+    size = common_image_size(locs, fallback=model.hparams.resize_size)
+    dataset = GalaxyDataset(inputs["file_loc"], None, color, size, model.hparams.grey)  # as trained
     settings = LoaderSettings(batch_size, num_workers, 2, pin_memory=device.type == "cuda", timeout_s=600)
     samples_per_image = n_samples if dropout else 1
     out = np.zeros((len(locs), samples_per_image, len(model.schema.label_cols)), dtype=np.float32)

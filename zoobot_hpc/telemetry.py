@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ WARMUP_STEPS = 3  # the first steps of an epoch wait for the workers to start: n
 class ThroughputMonitor(pl.Callback):
     """Logs `perf/images_per_s` (per rank, mean over ranks) and `perf/data_wait_fraction` (worst rank)."""
 
-    def __init__(self, num_workers: int, file_locs: np.ndarray, grey_from_rgb: bool = False) -> None:
+    def __init__(self, num_workers: int, file_locs: Sequence[str], grey_from_rgb: bool = False) -> None:
         self.num_workers = num_workers
         self.grey_from_rgb = grey_from_rgb  # grey="mean": every image is decoded in colour first
         self.png_share = float(np.mean([Path(str(f)).suffix.lower() == ".png" for f in file_locs[:1000]]))

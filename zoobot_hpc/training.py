@@ -205,7 +205,7 @@ def train(
             StopOnSignal(save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, hardware.requeue_signal()),
             ThroughputMonitor(
                 num_workers,
-                splits.train["file_loc"].iloc[:1000].to_numpy(dtype=str),
+                splits.train["file_loc"].array,
                 grey_from_rgb=not color and grey == "mean",
             ),
         ],
