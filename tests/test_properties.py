@@ -194,7 +194,7 @@ RELATIVE = st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=5).map("/".j
 @FAST
 @given(
     paths=st.lists(st.one_of(st.none(), RELATIVE, RELATIVE.map(lambda p: "/" + p)), max_size=30),
-    base=st.sampled_from(["/data/catalogs", "/", "/x/y/z"]),
+    base=st.sampled_from(["/data/catalogs", "/", "/x/y/z", "/données/c d"]),
 )
 def test_absolute_paths_joins_relative_paths_to_the_base(paths, base):
     got = absolute_paths(pd.Series(paths, dtype=object), Path(base))
