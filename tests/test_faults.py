@@ -179,8 +179,11 @@ def _config(
 
 
 def _train_process(config: Path) -> subprocess.Popen:
+    """`zoobot-hpc train` in its own process group, which `os.killpg` signals as Slurm signals a step."""
     command = [sys.executable, "-m", "zoobot_hpc", "train", "--config", str(config)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _load_all(folder: Path) -> dict[str, dict]:
@@ -215,13 +218,20 @@ def test_sigkill_while_a_checkpoint_is_written_leaves_loadable_checkpoints(tmp_p
     assert _load_all(folder)["last.ckpt"]["epoch"] == 4
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_sigterm_mid_epoch_saves_a_full_state_checkpoint(tmp_path, demo_frame, ranks):
+@pytest.mark.parametrize(
+    ("ranks", "workers", "whole_group"),
+    [(1, 0, False), (2, 0, False), (1, 2, True)],
+    ids=["one-rank", "two-ranks-rank0-only", "loader-workers-signalled-too"],
+)
+def test_sigterm_mid_epoch_saves_a_full_state_checkpoint(tmp_path, demo_frame, ranks, workers, whole_group):
     """What Slurm sends at the time limit (and on scancel/preemption) before SIGKILL. With two DDP
-    ranks only rank 0 is signalled here: the ranks agree at the next step and both stop there."""
+    ranks only rank 0 is signalled here: the ranks agree at the next step and both stop there. Slurm
+    signals every process of the step, loader workers included: they must survive it."""
     save_dir = tmp_path / "run"
     hardware = {"gpus": ranks, "accelerator": "cpu"} if ranks > 1 else {}
-    config = _config(tmp_path, demo_frame, save_dir, epochs=3, rows=200, **hardware)
+    config = _config(
+        tmp_path, demo_frame, save_dir, epochs=3, rows=200, num_workers=workers, prefetch_factor=2, **hardware
+    )
     last = save_dir / "checkpoints" / "last.ckpt"
     process = _train_process(config)
     deadline = time.monotonic() + 300
@@ -231,7 +241,10 @@ def test_sigterm_mid_epoch_saves_a_full_state_checkpoint(tmp_path, demo_frame, r
         time.sleep(0.05)
     steps_per_epoch = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     time.sleep(2.0)  # into epoch 1
-    process.send_signal(signal.SIGTERM)
+    if whole_group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert process.returncode == 1 and "stopped by SIGTERM at epoch" in stderr, stderr[-3000:]

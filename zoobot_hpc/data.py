@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -223,7 +224,20 @@ class LoaderSettings:
             persistent_workers=workers,
             pin_memory=self.pin_memory,
             timeout=self.timeout_s if workers else 0,
+            worker_init_fn=leave_job_signals_to_the_main_process if workers else None,
         )
+
+
+def leave_job_signals_to_the_main_process(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and the requeue signal (USR1).
+
+    Slurm signals every process of a job step, workers included. A worker killed by the signal (USR1's
+    default action; torch's worker SIGTERM handler exits unless the parent sent it) takes the run down
+    with "worker killed" before the main process can save and requeue. The main process stops its
+    workers itself when it exits.
+    """
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

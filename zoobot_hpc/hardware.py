@@ -8,7 +8,8 @@ running job against it, so a wrong allocation is an error that names the setting
 
 Requeue has exactly one owner: `zoobot_hpc.interruptions.StopOnSignal`. Slurm sends SIGUSR1 to
 every rank `REQUEUE_SIGNAL_LEAD_S` seconds before the time limit; all ranks save `last.ckpt` at the
-same step, rank 0 runs `scontrol requeue`, and the restarted job resumes from it. Lightning's own
+same step, rank 0 asks for the requeue (the job script runs `scontrol requeue` on the host; a
+submitit job runs it in rank 0), and the restarted job resumes from it. Lightning's own
 requeue handler is off (`auto_requeue=False`: it saves inside the signal handler, which can deadlock
 DDP). The same handler works for `sbatch` scripts and submitit jobs (submitit's own USR2
 checkpoint/requeue is never signalled: its signal is replaced by USR1), so the behaviour does not

@@ -11,9 +11,15 @@ The handlers only record the signal. Saving inside a handler is what deadlocks D
 own USR1 handler does it): each rank meets the signal in a different place, possibly inside a
 different collective, and the save's barrier never completes. Instead, at the start of every
 training step the ranks agree (one all-reduce) whether any of them was signalled; if so every rank
-saves the same full-state `last.ckpt` at the same step, rank 0 runs `scontrol requeue` for USR1,
-and `Interrupted` ends the run. A signal during validation takes effect at the next training step,
+saves the same full-state `last.ckpt` at the same step, rank 0 asks for the requeue on USR1, and
+`Interrupted` ends the run. A signal during validation takes effect at the next training step,
 after that epoch's checkpoint.
+
+Who runs `scontrol requeue`: the job script, on the host, when it says so by setting
+`ZOOBOT_REQUEUE_FLAG` (the ranks may run in a container, which has no Slurm client); rank 0 then
+only writes that file. Without it (submitit jobs, which run on the host) rank 0 runs `scontrol`
+itself. No rank exits before the request is made: `srun --kill-on-bad-exit` ends the whole step
+as soon as one rank exits.
 
 `seed_step` reseeds the random generators from (seed, step, rank) before every training batch
 (`GalaxyDataModule.on_before_batch_transfer`), so a resumed run draws the same augmentations and
@@ -35,11 +41,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from zoobot_hpc.atomic import write_text
 from zoobot_hpc.errors import RunError
 
 log = logging.getLogger(__name__)
 
 NOT_SIGNALLED, TERMINATED, REQUEUE = 0, 1, 2  # ordered: across ranks the largest wins
+REQUEUE_FLAG_ENV = "ZOOBOT_REQUEUE_FLAG"  # set by the job scripts, which then run `scontrol requeue`
 
 
 class Interrupted(RunError):
@@ -75,23 +83,35 @@ class StopOnSignal(pl.Callback):
         trainer.save_checkpoint(self.checkpoint)  # every rank, same step; atomic (AtomicCheckpointIO)
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}; saved {self.checkpoint}"
         if received == REQUEUE:
-            if not trainer.is_global_zero:
-                raise Interrupted(f"stopped by the requeue signal at {where}; rank 0 requeues the job")
-            log.warning("stopped by the requeue signal at %s; requeueing the job", where)  # before srun ends
-            raise Interrupted(requeue_this_job())
+            outcome = "rank 0 asked for the requeue"
+            if trainer.is_global_zero:
+                log.warning("stopped by the requeue signal at %s; requeueing the job", where)
+                outcome = request_requeue()
+            trainer.strategy.barrier("requeue requested")
+            raise Interrupted(f"stopped by the requeue signal at {where}; {outcome}")
         raise Interrupted(
             f"stopped by SIGTERM at {where}; rerun the same command (or requeue the job) to resume from it"
         )
 
 
-def requeue_this_job() -> str:
-    """`scontrol requeue` this Slurm job (or array task); says what happened."""
+def request_requeue() -> str:
+    """Requeue this Slurm job (or array task), or leave that to the job script; says what happened."""
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    flag = os.environ.get(REQUEUE_FLAG_ENV)
+    if flag:
+        try:
+            write_text(flag, f"{job}\n")
+        except OSError as err:
+            return f"could not write {flag} for the job script to requeue job {job} ({err}): resubmit it"
+        return f"the job script requeues job {job}; it resumes from the checkpoint when it restarts"
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as err:
-        return f"could not requeue job {job} ({err}): resubmit the same job script to resume"
+        return (
+            f"could not requeue job {job} ({err}; inside a container, submit with the job scripts, "
+            "which requeue from the host): resubmit the same job to resume"
+        )
     if result.returncode != 0:
         return (
             f"`scontrol requeue {job}` failed ({result.stderr.strip()}): submit jobs with --requeue, "

@@ -11,6 +11,7 @@ reruns `train()` in the same `save_dir`, which resumes from `last.ckpt`.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,14 @@ def _run_training(config: dict[str, Any]) -> dict[str, Any]:
     env = {**DIAGNOSTICS, **{str(k): str(v) for k, v in (config.get("slurm") or {}).get("env", {}).items()}}
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    from zoobot_hpc.interruptions import Interrupted
     from zoobot_hpc.training import train
 
-    _, trainer = train(**train_kwargs(config))
+    try:
+        _, trainer = train(**train_kwargs(config))
+    except Interrupted as stop:  # saved and requeued (or to resubmit): no result, so result() keeps waiting
+        print(stop, file=sys.stderr, flush=True)
+        raise SystemExit(1) from None  # submitit stores an error result for an Exception, not for this
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     return {
         "save_dir": str(config["save_dir"]),

@@ -107,7 +107,7 @@ TRAIN_TEMPLATE = r"""#!/bin/bash
 #   ZOOBOT_PYTHON    Python outside a container [python3, i.e. the environment you submit from]
 #   MASTER_PORT      DDP rendezvous port [derived from the job id]
 # Requeue: Slurm sends SIGUSR1 before the time limit; every rank saves last.ckpt at the same step and
-# the job requeues itself; the rerun resumes from save_dir/checkpoints/last.ckpt. Logs append to one file.
+# this script requeues the job, which resumes from save_dir/checkpoints/last.ckpt. Logs append to one file.
 @SBATCH@
 set -euo pipefail
 
@@ -140,8 +140,20 @@ if ! "${python[@]}" -c "@FIND_SPEC@" 2>/dev/null; then
 fi
 "${python[@]}" -m zoobot_hpc preflight --in-job "${args[@]}"
 
+# After the requeue signal every rank saves last.ckpt and rank 0 (on this node) leaves this file: the
+# requeue is run here, on the host, because the ranks may be in a container without a Slurm client.
+export ZOOBOT_REQUEUE_FLAG=/tmp/zoobot-requeue-$SLURM_JOB_ID
+rm -f "$ZOOBOT_REQUEUE_FLAG"
+status=0
 srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \
-  "${python[@]}" -m zoobot_hpc train "${args[@]}"
+  "${python[@]}" -m zoobot_hpc train "${args[@]}" || status=$?
+if [ -f "$ZOOBOT_REQUEUE_FLAG" ]; then
+  rm -f "$ZOOBOT_REQUEUE_FLAG"
+  echo "zoobot job $SLURM_JOB_ID: requeueing; the rerun resumes from last.ckpt"
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  echo "zoobot job $SLURM_JOB_ID: scontrol requeue failed; sbatch this script again to resume" >&2
+fi
+exit "$status"
 """
 
 
