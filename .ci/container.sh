@@ -227,4 +227,4 @@ step "a Slurm job with its ranks in the image (srun -> ch-run -> python)"
 EXPORT_DIR=${ZH_CI_EXPORT_DIR:-$WORK/image}
 bash scripts/export_image_for_chrun.sh "$IMAGE" "$EXPORT_DIR"
 ZOOBOT_HPC_CHRUN_IMAGE="$EXPORT_DIR" "$PYTHON" -m pytest -q -p no:cacheprovider -rs \
-  tests/test_slurm.py -k test_train_job_ranks_run_inside_the_image
+  tests/test_slurm.py -k test_train_job_ranks_run_inside_the_image_and_requeue

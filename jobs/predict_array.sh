@@ -8,7 +8,8 @@
 # It submits itself as a job array of ZOOBOT_SHARDS tasks (one catalog shard each, writing
 # part-KKKKK-of-N.parquet into ZOOBOT_PREDICTIONS) and a merge job that runs only if every shard
 # succeeded (--dependency=afterok), writing ZOOBOT_OUTPUT. A failed shard is rerun alone with
-#   sbatch --array=K jobs/predict_array.sh   (same environment), then the merge command it prints.
+#   sbatch --array=K jobs/predict_array.sh   (same environment; the submission prints the exact command),
+# then the merge command it prints.
 # Environment (defaults in brackets):
 #   ZOOBOT_CHECKPOINT   trained checkpoint [outputs/train_dr5/checkpoints/best.ckpt]
 #   ZOOBOT_IMAGES       catalog (id_str, file_loc) or folder of images [data/predict/catalog.parquet]
@@ -16,7 +17,7 @@
 #   ZOOBOT_OUTPUT       merged prediction file [outputs/predictions/predictions.parquet]
 #   ZOOBOT_SHARDS       number of shards = array tasks [4]
 #   ZOOBOT_N_SAMPLES    MC-dropout forward passes per galaxy [5]
-#   ZOOBOT_GPUS         GPUs each shard uses, 0 = CPU [1]
+#   ZOOBOT_GPUS         GPUs each shard asks for and uses, 0 = CPU [1]
 #   ZOOBOT_NUM_WORKERS  image-decoding processes per shard [4]
 #   ZOOBOT_IMAGE        container image for every task [none]
 #   ZOOBOT_RUNTIME, ZOOBOT_BIND, ZOOBOT_PYTHON   as in the training script [apptainer]
@@ -46,12 +47,12 @@ if [ -z "$IMAGE" ]; then
   python=("${ZOOBOT_PYTHON:-python3}")
 elif [ "$RUNTIME" = apptainer ]; then
   if [ -n "${ZOOBOT_BIND:-}" ]; then binds=(--bind "$ZOOBOT_BIND"); fi
-  python=(apptainer exec --nv "${binds[@]}" "$IMAGE" python3)
+  python=(apptainer exec --nv ${binds[@]+"${binds[@]}"} "$IMAGE" python3)
 elif [ "$RUNTIME" = charliecloud ]; then  # an image directory; for GPUs run `ch-fromhost --nvidia` on it once
   IFS=, read -r -a paths <<<"${ZOOBOT_BIND:-}"
-  for path in "${paths[@]}"; do binds+=(-b "$path"); done
+  for path in ${paths[@]+"${paths[@]}"}; do binds+=(-b "$path"); done
   export USER=${USER:-$(id -un)}  # ch-run requires it
-  python=(ch-run --home --set-env --unset-env=PYTHONPATH "${binds[@]}" "$IMAGE" -- python3)
+  python=(ch-run --home --set-env --unset-env=PYTHONPATH ${binds[@]+"${binds[@]}"} "$IMAGE" -- python3)
 else
   echo "zoobot job: ZOOBOT_RUNTIME=$RUNTIME: use apptainer or charliecloud" >&2
   exit 2
@@ -73,7 +74,9 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
   export ZOOBOT_CHECKPOINT=$CHECKPOINT ZOOBOT_IMAGES=$IMAGES ZOOBOT_PREDICTIONS=$PREDICTIONS \
     ZOOBOT_OUTPUT=$OUTPUT ZOOBOT_SHARDS=$SHARDS ZOOBOT_N_SAMPLES=$N_SAMPLES ZOOBOT_GPUS=$GPUS \
     ZOOBOT_NUM_WORKERS=$NUM_WORKERS
-  array_id=$(sbatch --parsable --array="0-$((SHARDS - 1))" "$0")
+  submit=(sbatch)
+  if [ "$GPUS" != "1" ]; then submit+=(--gpus-per-node="$GPUS"); fi  # replaces the #SBATCH line
+  array_id=$("${submit[@]}" --parsable --array="0-$((SHARDS - 1))" "$0")
   array_id=${array_id%%;*}
   merge=("${python[@]}" -m zoobot_hpc merge "$PREDICTIONS" "$OUTPUT" --images "$IMAGES")
   merge_id=$(sbatch --parsable --job-name=predict_array-merge --dependency="afterok:$array_id" \
@@ -81,7 +84,7 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
     --output=jobs/logs/%x-%j.out --wrap="$(printf '%q ' "${merge[@]}")")
   merge_id=${merge_id%%;*}
   echo "submitted prediction array $array_id ($SHARDS shards) and merge job $merge_id"
-  echo "if a shard fails: sbatch --array=K $0, then: ${merge[*]}"
+  echo "if a shard fails: ${submit[*]} --array=K $0, then: ${merge[*]}"
   echo "$array_id $merge_id"
   exit 0
 fi

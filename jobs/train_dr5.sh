@@ -41,7 +41,7 @@ args=(--config "$CONFIG")
 if [ -n "${ZOOBOT_CATALOG:-}" ]; then args+=(--set "catalog=$ZOOBOT_CATALOG"); fi
 if [ -n "${ZOOBOT_SAVE_DIR:-}" ]; then args+=(--set "save_dir=$ZOOBOT_SAVE_DIR"); fi
 read -r -a extra <<<"${ZOOBOT_SET:-}"
-for kv in "${extra[@]}"; do args+=(--set "$kv"); done
+for kv in ${extra[@]+"${extra[@]}"}; do args+=(--set "$kv"); done
 
 IMAGE=${ZOOBOT_IMAGE:-""}
 RUNTIME=${ZOOBOT_RUNTIME:-apptainer}
@@ -50,12 +50,12 @@ if [ -z "$IMAGE" ]; then
   python=("${ZOOBOT_PYTHON:-python3}")
 elif [ "$RUNTIME" = apptainer ]; then
   if [ -n "${ZOOBOT_BIND:-}" ]; then binds=(--bind "$ZOOBOT_BIND"); fi
-  python=(apptainer exec --nv "${binds[@]}" "$IMAGE" python3)
+  python=(apptainer exec --nv ${binds[@]+"${binds[@]}"} "$IMAGE" python3)
 elif [ "$RUNTIME" = charliecloud ]; then  # an image directory; for GPUs run `ch-fromhost --nvidia` on it once
   IFS=, read -r -a paths <<<"${ZOOBOT_BIND:-}"
-  for path in "${paths[@]}"; do binds+=(-b "$path"); done
+  for path in ${paths[@]+"${paths[@]}"}; do binds+=(-b "$path"); done
   export USER=${USER:-$(id -un)}  # ch-run requires it
-  python=(ch-run --home --set-env --unset-env=PYTHONPATH "${binds[@]}" "$IMAGE" -- python3)
+  python=(ch-run --home --set-env --unset-env=PYTHONPATH ${binds[@]+"${binds[@]}"} "$IMAGE" -- python3)
 else
   echo "zoobot job: ZOOBOT_RUNTIME=$RUNTIME: use apptainer or charliecloud" >&2
   exit 2
@@ -63,8 +63,8 @@ fi
 
 export PYTHONFAULTHANDLER="${PYTHONFAULTHANDLER:-1}"
 export PYTHONUNBUFFERED="${PYTHONUNBUFFERED:-1}"
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
-export NCCL_DEBUG=WARN
 # Rank 0's node hosts the DDP rendezvous; ranks and world size come from srun (SLURM_PROCID/NTASKS).
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
@@ -80,8 +80,8 @@ if ! "${python[@]}" -c "import importlib.util as u, sys; sys.exit(any(u.find_spe
 fi
 "${python[@]}" -m zoobot_hpc preflight --in-job "${args[@]}"
 
-# After the requeue signal every rank saves last.ckpt and rank 0 (on this node) leaves this file: the
-# requeue is run here, on the host, because the ranks may be in a container without a Slurm client.
+# After the requeue signal every rank saves last.ckpt and rank 0 (on this node) leaves the flag file;
+# the requeue runs here, on the host: the ranks may be in a container, without a Slurm client.
 export ZOOBOT_REQUEUE_FLAG=/tmp/zoobot-requeue-$SLURM_JOB_ID
 rm -f "$ZOOBOT_REQUEUE_FLAG"
 status=0
@@ -90,7 +90,6 @@ srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \
 if [ -f "$ZOOBOT_REQUEUE_FLAG" ]; then
   rm -f "$ZOOBOT_REQUEUE_FLAG"
   echo "zoobot job $SLURM_JOB_ID: requeueing; the rerun resumes from last.ckpt"
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
-  echo "zoobot job $SLURM_JOB_ID: scontrol requeue failed; sbatch this script again to resume" >&2
+  scontrol requeue "$SLURM_JOB_ID" || echo "zoobot job $SLURM_JOB_ID: scontrol requeue failed; submit the job again to resume" >&2
 fi
 exit "$status"

@@ -340,3 +340,35 @@ def test_launch_debug_executor_trains_in_process(tmp_path):
     assert result["world_size"] == 1 and Path(result["best_checkpoint"]).is_file()
     with pytest.raises(Exception, match="needs 'slurm'"):
         launch.train({**config, "nodes": 2, "gpus": 1}, executor="local")
+
+
+def test_node_cpus_reads_the_default_partition_unless_one_is_named():
+    """Jobs without `partition` run in the default one: a small debug partition must not cap workers."""
+    from zoobot_hpc.slurm import smallest_node
+
+    sinfo = "gpu* 64\ngpu* 48+\ndebug 8\n"
+    assert smallest_node(sinfo, default_only=True) == 48
+    assert smallest_node(sinfo, default_only=False) == 8  # `sinfo -p NAME` lists only that partition
+    assert smallest_node("debug 8\n", default_only=True) is None  # no default: no check
+
+
+def test_submitit_jobs_get_the_job_scripts_environment(monkeypatch):
+    """Like the rendered scripts: diagnostics are defaults the shell may override, `slurm.env` wins."""
+    import faulthandler
+
+    from zoobot_hpc import launch
+
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    monkeypatch.delenv("PYTHONFAULTHANDLER", raising=False)
+    was_enabled = faulthandler.is_enabled()
+    try:
+        launch._job_environment({"NCCL_SOCKET_IFNAME": "ib0"})
+        assert os.environ["NCCL_DEBUG"] == "INFO"
+        assert os.environ["NCCL_SOCKET_IFNAME"] == "ib0"
+        assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+        assert faulthandler.is_enabled()  # PYTHONFAULTHANDLER is read only at start-up
+    finally:
+        if not was_enabled:
+            faulthandler.disable()

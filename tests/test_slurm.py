@@ -250,31 +250,26 @@ def test_submitit_training_returns_result(cluster, dr5_catalog, tmp_path):
     assert Path(result["best_checkpoint"]).is_file()
 
 
-@pytest.mark.parametrize("interrupt", ["scontrol-requeue", "usr1-signal"])
-def test_requeue_resumes_from_last_checkpoint(cluster, dr5_catalog, tmp_path, interrupt):
-    """Requeue mid-training, by an admin (`scontrol requeue`, as on preemption: SIGTERM) or by the
-    USR1 that Slurm sends before the time limit: both ranks save last.ckpt at the same step, the job
-    is requeued, and the rerun continues from that step and finishes the requested epochs."""
-    import torch
+REQUEUE_EPOCHS = 4  # the interrupt lands after epoch 0 is saved; three more epochs are the margin
+REQUEUE_STEPS_PER_EPOCH = 6  # limit_train_batches (each rank has 14 galaxies: 7 batches of 2)
 
-    epochs = 4  # the interrupt lands after epoch 0 is saved; three more epochs are the margin
-    steps_per_epoch = 6  # limit_train_batches (each rank has 14 galaxies: 7 batches of 2)
-    config = tmp_path / "requeue.yaml"
-    save_dir = tmp_path / "run"
-    config.write_text(
-        f"save_dir: {save_dir}\nschema: gz_decals_dr5\ncatalog: {dr5_catalog}\ngpus: 2\naccelerator: cpu\n"
-        f"num_workers: 0\nresize_size: 32\nbatch_size: 2\nepochs: {epochs}\npatience: 100\n"
+
+def requeue_config(path: Path, save_dir: Path, catalog: Path, slurm_extra: str = "") -> Path:
+    """Two CPU ranks with a loader worker each (Slurm signals the workers too), long enough to interrupt."""
+    path.write_text(
+        f"save_dir: {save_dir}\nschema: gz_decals_dr5\ncatalog: {catalog}\ngpus: 2\naccelerator: cpu\n"
+        f"num_workers: 1\nresize_size: 32\nbatch_size: 2\nepochs: {REQUEUE_EPOCHS}\npatience: 100\n"
         "prefetch_factor: 2\n"
         "trainer_kwargs: {limit_train_batches: 6, limit_val_batches: 1, limit_test_batches: 1}\n"
-        "slurm:\n  time: '20:00'\n  mem: 3G\n"
+        f"slurm:\n  time: '20:00'\n  mem: 3G\n{slurm_extra}"
     )
-    from zoobot_hpc.config import hardware_spec, load_config
-    from zoobot_hpc.slurm import render_train_script
+    return path
 
-    script = tmp_path / "requeue.sh"
-    script.write_text(render_train_script(config, hardware_spec(load_config(config)), log_dir=str(tmp_path)))
-    job_id = sbatch(str(script))
-    log = tmp_path / f"requeue-{job_id}.out"
+
+def interrupt_after_first_checkpoint(job_id: str, save_dir: Path, interrupt: str, log: Path | None) -> int:
+    """Interrupt the job once its first last.ckpt exists; wait until it left the node; the saved step."""
+    import torch
+
     last = save_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 180
     while not last.exists():
@@ -289,31 +284,79 @@ def test_requeue_resumes_from_last_checkpoint(cluster, dr5_catalog, tmp_path, in
     while job_state(job_id) == "RUNNING" or job_state(job_id) == "COMPLETING":
         time.sleep(0.5)
     saved_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert saved_step < (epochs - 1) * steps_per_epoch, "the requeue came too late to interrupt training"
-    text = assert_completed(job_id, log, timeout=300)
+    assert saved_step < (REQUEUE_EPOCHS - 1) * REQUEUE_STEPS_PER_EPOCH, "the requeue came too late"
+    return saved_step
 
+
+def assert_every_step_done_once(save_dir: Path) -> None:
+    import torch
+
+    final = torch.load(save_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["epoch"] == REQUEUE_EPOCHS - 1
+    assert final["global_step"] == REQUEUE_EPOCHS * REQUEUE_STEPS_PER_EPOCH  # none lost, none repeated
+
+
+def interrupt_and_check_resume(job_id: str, log: Path, save_dir: Path, interrupt: str) -> str:
+    """Interrupt a job of the rendered train script after its first checkpoint; check that it is
+    requeued and that the rerun continues from the saved step and does every step once. The log."""
+    saved_step = interrupt_after_first_checkpoint(job_id, save_dir, interrupt, log)
+    text = assert_completed(job_id, log, timeout=300)
     assert "(restart 1)" in text, tail(log)
     first_run, second_run = text.split("(restart 1)", 1)
     if interrupt == "usr1-signal":  # (after a requeue srun stops forwarding the ranks' output)
         assert "stopped by the requeue signal at epoch" in first_run, first_run[-3000:]
+        assert f"zoobot job {job_id}: requeueing" in first_run, first_run[-3000:]  # by the batch shell
     assert "Restored all states from the checkpoint" in second_run or "resuming from" in second_run
     # the rerun continued (not restarted) and lost no step
     first_epoch = re.search(r"Epoch (\d+):", second_run)
-    assert first_epoch and int(first_epoch.group(1)) >= saved_step // steps_per_epoch >= 1, second_run[-3000:]
-    final = torch.load(last, map_location="cpu", weights_only=False)
-    assert final["epoch"] == epochs - 1
-    assert final["global_step"] == epochs * steps_per_epoch  # every step once: none lost, none repeated
+    assert first_epoch and int(first_epoch.group(1)) >= saved_step // REQUEUE_STEPS_PER_EPOCH >= 1, (
+        second_run[-3000:]
+    )
+    assert_every_step_done_once(save_dir)
+    return text
 
 
-def test_train_job_ranks_run_inside_the_image(cluster, dr5_catalog, tmp_path):
+@pytest.mark.parametrize("interrupt", ["scontrol-requeue", "usr1-signal"])
+def test_requeue_resumes_from_last_checkpoint(cluster, dr5_catalog, tmp_path, interrupt):
+    """Requeue mid-training, by an admin (`scontrol requeue`, as on preemption: SIGTERM) or by the
+    USR1 that Slurm sends before the time limit: both ranks save last.ckpt at the same step, the job
+    is requeued, and the rerun continues from that step and finishes the requested epochs."""
+    from zoobot_hpc.config import hardware_spec, load_config
+    from zoobot_hpc.slurm import render_train_script
+
+    config = requeue_config(tmp_path / "requeue.yaml", tmp_path / "run", dr5_catalog)
+    script = tmp_path / "requeue.sh"
+    script.write_text(render_train_script(config, hardware_spec(load_config(config)), log_dir=str(tmp_path)))
+    job_id = sbatch(str(script))
+    interrupt_and_check_resume(job_id, tmp_path / f"requeue-{job_id}.out", tmp_path / "run", interrupt)
+
+
+def test_submitit_job_requeues_at_the_signal_and_returns_its_result(cluster, dr5_catalog, tmp_path):
+    """submitit's batch shell runs the requeue too (its teardown), and the requeued job's result is
+    the finished run's: the interrupted run leaves no error result behind."""
+    from zoobot_hpc import launch
+
+    save_dir = tmp_path / "run"
+    job = launch.train(requeue_config(tmp_path / "requeue.yaml", save_dir, dr5_catalog), executor="slurm")
+    submission = Path(job.paths.submission_file).read_text()
+    assert submission.index("srun") < submission.index('scontrol requeue "$SLURM_JOB_ID"')  # after the ranks
+    interrupt_after_first_checkpoint(job.job_id, save_dir, "usr1-signal", Path(job.paths.stdout))
+    result = launch.result(job)  # waits through the requeue
+    assert result["restart_count"] == 1 and result["world_size"] == 2
+    assert_every_step_done_once(save_dir)
+
+
+def test_train_job_ranks_run_inside_the_image_and_requeue(cluster, dr5_catalog, tmp_path):
     """srun → one container per rank → python: the project's image, exported to a directory and run
     by Charliecloud's ch-run (Apptainer's exec model: no daemon, host network, SLURM_* passed
-    through). .ci/container.sh builds and exports the image, then runs this test."""
+    through). The image has no Slurm client, so the requeue at USR1 must come from the batch shell.
+    .ci/container.sh builds and exports the image, then runs this test."""
     image = os.environ.get("ZOOBOT_HPC_CHRUN_IMAGE")
     if not image:
         pytest.skip("no exported image: .ci/container.sh exports one (ZOOBOT_HPC_CHRUN_IMAGE) and runs this")
     assert shutil.which("ch-run"), "ch-run not found: apt-get install charliecloud-runtime"
     assert (Path(image) / "opt" / "venv" / "bin" / "python3").exists(), f"{image} is not an exported image"
+    assert not (Path(image) / "usr" / "bin" / "scontrol").exists()  # what makes the host's requeue necessary
     # the ranks see the host's /tmp (ch-run binds it), so images, catalog and outputs live there
     catalog = pd.read_csv(dr5_catalog)
     (tmp_path / "images").mkdir()
@@ -322,14 +365,8 @@ def test_train_job_ranks_run_inside_the_image(cluster, dr5_catalog, tmp_path):
         shutil.copyfile(source, target)
         catalog.loc[i, "file_loc"] = str(target)
     catalog.to_csv(tmp_path / "catalog.csv", index=False)
-    config = tmp_path / "in_image.yaml"
-    config.write_text(
-        f"save_dir: {tmp_path / 'run'}\nschema: gz_decals_dr5\ncatalog: {tmp_path / 'catalog.csv'}\n"
-        "gpus: 2\naccelerator: cpu\nnum_workers: 0\nresize_size: 32\nbatch_size: 4\nepochs: 1\n"
-        "prefetch_factor: 2\n"
-        "trainer_kwargs: {limit_train_batches: 2, limit_val_batches: 1, limit_test_batches: 1}\n"
-        f"slurm:\n  time: '10:00'\n  mem: 3G\n  container: {image}\n  container_runtime: charliecloud\n"
-    )
+    in_image = f"  container: {image}\n  container_runtime: charliecloud\n"
+    config = requeue_config(tmp_path / "in_image.yaml", tmp_path / "run", tmp_path / "catalog.csv", in_image)
     from zoobot_hpc.config import hardware_spec, load_config
     from zoobot_hpc.slurm import render_train_script
 
@@ -338,11 +375,12 @@ def test_train_job_ranks_run_inside_the_image(cluster, dr5_catalog, tmp_path):
     job_env_outside = job_env()
     job_env_outside.pop("ZOOBOT_PYTHON")  # the image's Python, not this one
     job_id = sbatch(str(script), env=job_env_outside)
-    text = assert_completed(job_id, tmp_path / f"in_image-{job_id}.out", timeout=600)
-    inside = re.findall(r"train, rank (\d+): Python ([^,\s]+),", text)
-    assert sorted(inside) == [("0", "/opt/venv/bin/python3"), ("1", "/opt/venv/bin/python3")], text[-3000:]
+    text = interrupt_and_check_resume(
+        job_id, tmp_path / f"in_image-{job_id}.out", tmp_path / "run", "usr1-signal"
+    )
+    inside = set(re.findall(r"train, rank (\d+): Python ([^,\s]+),", text))
+    assert inside == {("0", "/opt/venv/bin/python3"), ("1", "/opt/venv/bin/python3")}, text[-3000:]
     assert ranks_seen(text) == {"1/2", "2/2"}  # SLURM_* reached Lightning inside the containers
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_fake_gpu_without_cuda_fails_fast(cluster, dr5_catalog, tmp_path):
@@ -424,6 +462,25 @@ def test_submitting_from_inside_a_job_does_not_leak(cluster, tmp_path):
     assert "CHILD_NTASKS=1" in child_text
 
 
+def test_pinned_submission_drops_the_shells_run_overrides(cluster, tmp_path):
+    """`zoobot-hpc submit` bakes the config into the job: a ZOOBOT_SAVE_DIR or ZOOBOT_SET left exported
+    from an earlier run must not redirect it; other variables (ZOOBOT_BIND, ...) still pass."""
+    from zoobot_hpc.slurm import sbatch as submit
+
+    script = tmp_path / "env.sh"
+    script.write_text(
+        f"#!/bin/bash\n#SBATCH --ntasks=1 --output={tmp_path}/env-%j.out\nenv | grep ^ZOOBOT_\n"
+    )
+    shell = {"ZOOBOT_SAVE_DIR": "/old/run", "ZOOBOT_SET": "epochs=1", "ZOOBOT_BIND": "/data"}
+    pinned = submit(script, env=shell, pinned=True)
+    free = submit(script, env=shell)
+    pinned_env = assert_completed(pinned, tmp_path / f"env-{pinned}.out", timeout=60)
+    free_env = assert_completed(free, tmp_path / f"env-{free}.out", timeout=60)
+    assert "ZOOBOT_BIND=/data" in pinned_env and "ZOOBOT_SAVE_DIR" not in pinned_env
+    assert "ZOOBOT_SET" not in pinned_env
+    assert "ZOOBOT_SAVE_DIR=/old/run" in free_env  # what a plain `sbatch jobs/train_dr5.sh` is meant to see
+
+
 def _prediction_available() -> str | None:
     try:
         from zoobot_hpc import prediction
@@ -453,7 +510,9 @@ def test_prediction_job_array_and_merge(dr5_run, dr5_catalog, tmp_path):
     )
     out = subprocess.run(["bash", "jobs/predict_array.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    _array_id, merge_id = out.stdout.strip().splitlines()[-1].split()
+    array_id, merge_id = out.stdout.strip().splitlines()[-1].split()
+    tasks = subprocess.run(["scontrol", "show", "job", "-o", array_id], capture_output=True, text=True).stdout
+    assert tasks and "gpu:1" not in tasks, tasks  # ZOOBOT_GPUS=0 replaced the script's --gpus-per-node=1
     log = ROOT / "jobs" / "logs" / f"predict_array-merge-{merge_id}.out"
     assert_completed(merge_id, log, timeout=240)
     assert len(list((tmp_path / "parts").glob("part-*-of-*.parquet"))) == 3

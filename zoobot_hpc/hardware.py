@@ -8,8 +8,8 @@ running job against it, so a wrong allocation is an error that names the setting
 
 Requeue has exactly one owner: `zoobot_hpc.interruptions.StopOnSignal`. Slurm sends SIGUSR1 to
 every rank `REQUEUE_SIGNAL_LEAD_S` seconds before the time limit; all ranks save `last.ckpt` at the
-same step, rank 0 asks for the requeue (the job script runs `scontrol requeue` on the host; a
-submitit job runs it in rank 0), and the restarted job resumes from it. Lightning's own
+same step, rank 0 asks for the requeue (`REQUEUE_FLAG_ENV`: the batch shell of the job scripts and
+of submitit jobs runs `scontrol requeue` on the host), and the restarted job resumes from it. Lightning's own
 requeue handler is off (`auto_requeue=False`: it saves inside the signal handler, which can deadlock
 DDP). The same handler works for `sbatch` scripts and submitit jobs (submitit's own USR2
 checkpoint/requeue is never signalled: its signal is replaced by USR1), so the behaviour does not
@@ -33,6 +33,22 @@ CONTAINER_RUNTIMES = ("apptainer", "charliecloud")  # a .sif file; an image dire
 # ch-run as Apptainer behaves: the image's ENV on top of the host's (SLURM_* pass), $HOME bound
 CHRUN_OPTIONS = "--home --set-env --unset-env=PYTHONPATH"
 REQUEUE_SIGNAL = "USR1"  # what StopOnSignal listens for inside Slurm jobs
+# Rank 0 asks for the requeue by writing this file; the batch shell runs `scontrol requeue` after srun,
+# on the host (ranks in a container have no Slurm client). Rank 0 runs on the batch node, and
+# Apptainer and Charliecloud share the host's /tmp.
+REQUEUE_FLAG_ENV = "ZOOBOT_REQUEUE_FLAG"
+REQUEUE_SETUP = [
+    f"export {REQUEUE_FLAG_ENV}=/tmp/zoobot-requeue-$SLURM_JOB_ID",
+    f'rm -f "${REQUEUE_FLAG_ENV}"',
+]
+REQUEUE_TEARDOWN = [
+    f'if [ -f "${REQUEUE_FLAG_ENV}" ]; then',
+    f'  rm -f "${REQUEUE_FLAG_ENV}"',
+    '  echo "zoobot job $SLURM_JOB_ID: requeueing; the rerun resumes from last.ckpt"',
+    '  scontrol requeue "$SLURM_JOB_ID" || echo "zoobot job $SLURM_JOB_ID: scontrol requeue failed;'
+    ' submit the job again to resume" >&2',
+    "fi",
+]
 REQUEUE_SIGNAL_LEAD_S = 120  # Slurm may signal up to 60 s early; a checkpoint needs the rest
 # sbatch options the spec renders itself: setting them in extra_sbatch would contradict it
 OWNED_SBATCH_OPTIONS = {
@@ -242,6 +258,8 @@ class HardwareSpec:
         }
         if self.resolved_accelerator == "gpu":
             params["gpus_per_node"] = self.gpus
+        params["slurm_setup"] = list(REQUEUE_SETUP)
+        params["slurm_teardown"] = list(REQUEUE_TEARDOWN)
         additional: dict[str, Any] = {
             "signal": f"{REQUEUE_SIGNAL}@{self.signal_lead_s}",
             "requeue": True,

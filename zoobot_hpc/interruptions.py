@@ -15,11 +15,11 @@ saves the same full-state `last.ckpt` at the same step, rank 0 asks for the requ
 `Interrupted` ends the run. A signal during validation takes effect at the next training step,
 after that epoch's checkpoint.
 
-Who runs `scontrol requeue`: the job script, on the host, when it says so by setting
-`ZOOBOT_REQUEUE_FLAG` (the ranks may run in a container, which has no Slurm client); rank 0 then
-only writes that file. Without it (submitit jobs, which run on the host) rank 0 runs `scontrol`
-itself. No rank exits before the request is made: `srun --kill-on-bad-exit` ends the whole step
-as soon as one rank exits.
+Who runs `scontrol requeue`: the batch shell, on the host, after srun, when it says so by setting
+`ZOOBOT_REQUEUE_FLAG` (the job scripts and submitit jobs do: the ranks may run in a container,
+which has no Slurm client); rank 0 then only writes that file. Without it (a hand-written job
+script) rank 0 runs `scontrol` itself. No rank exits before the request is made: `srun
+--kill-on-bad-exit` ends the whole step as soon as one rank exits.
 
 `seed_step` reseeds the random generators from (seed, step, rank) before every training batch
 (`GalaxyDataModule.on_before_batch_transfer`), so a resumed run draws the same augmentations and
@@ -43,11 +43,11 @@ import torch
 
 from zoobot_hpc.atomic import write_text
 from zoobot_hpc.errors import RunError
+from zoobot_hpc.hardware import REQUEUE_FLAG_ENV
 
 log = logging.getLogger(__name__)
 
 NOT_SIGNALLED, TERMINATED, REQUEUE = 0, 1, 2  # ordered: across ranks the largest wins
-REQUEUE_FLAG_ENV = "ZOOBOT_REQUEUE_FLAG"  # set by the job scripts, which then run `scontrol requeue`
 
 
 class Interrupted(RunError):
@@ -109,8 +109,8 @@ def request_requeue() -> str:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as err:
         return (
-            f"could not requeue job {job} ({err}; inside a container, submit with the job scripts, "
-            "which requeue from the host): resubmit the same job to resume"
+            f"could not requeue job {job} ({err}; in a container, let the batch shell requeue: "
+            "see REQUEUE_TEARDOWN in zoobot_hpc.hardware): resubmit the same job to resume"
         )
     if result.returncode != 0:
         return (

@@ -10,6 +10,7 @@ reruns `train()` in the same `save_dir`, which resumes from `last.ckpt`.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -65,9 +66,7 @@ def container_python(spec: HardwareSpec) -> str:
 
 def _run_training(config: dict[str, Any]) -> dict[str, Any]:
     """What a submitit job runs: train() in every rank; returns a small, picklable summary."""
-    env = {**DIAGNOSTICS, **{str(k): str(v) for k, v in (config.get("slurm") or {}).get("env", {}).items()}}
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
+    _job_environment((config.get("slurm") or {}).get("env") or {})
     from zoobot_hpc.interruptions import Interrupted
     from zoobot_hpc.training import train
 
@@ -85,6 +84,16 @@ def _run_training(config: dict[str, Any]) -> dict[str, Any]:
         "epochs_completed": int(trainer.current_epoch),
         "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
     }
+
+
+def _job_environment(env: Mapping[str, object]) -> None:
+    """What the job scripts export (`slurm._env_block`): the diagnostics as defaults, `slurm.env` over
+    anything. Python reads PYTHONFAULTHANDLER only when it starts, so the handler is enabled here."""
+    for key, value in DIAGNOSTICS.items():
+        os.environ.setdefault(key, value)
+    os.environ.update({str(key): str(value) for key, value in env.items()})
+    if os.environ.get("PYTHONFAULTHANDLER"):
+        faulthandler.enable()
 
 
 def train(
@@ -127,8 +136,7 @@ def _run_shard(
     checkpoint: str, images: str, save_path: str, shard_index: int, num_shards: int, options: dict[str, Any]
 ) -> str:
     """What one array task runs: predict one shard; returns the shard file's folder."""
-    for key, value in DIAGNOSTICS.items():
-        os.environ.setdefault(key, value)
+    _job_environment({})
     from zoobot_hpc.prediction import predict
 
     predict(checkpoint, images, save_path, shard_index=shard_index, num_shards=num_shards, **options)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from zoobot_hpc.errors import InputError
-from zoobot_hpc.hardware import CHRUN_OPTIONS, HardwareSpec
+from zoobot_hpc.hardware import CHRUN_OPTIONS, REQUEUE_SETUP, REQUEUE_TEARDOWN, HardwareSpec
 
 # Variables of the parent job that must not reach a job submitted from inside it: srun in the child
 # would read e.g. SLURM_NTASKS / SLURM_CPUS_PER_TASK of the parent and launch the wrong step.
@@ -38,6 +38,7 @@ class SubmitError(InputError):
 
 # How every rank starts Python: in the image (one container per rank, started by srun; SLURM_*
 # variables pass through to Lightning), or the environment this job was submitted from.
+# ${a[@]+"${a[@]}"} expands a possibly empty array: bash < 4.4 (RHEL 7) calls "${a[@]}" unbound under -u.
 PYTHON_SETUP = r"""IMAGE=${ZOOBOT_IMAGE:-"@CONTAINER@"}
 RUNTIME=${ZOOBOT_RUNTIME:-@RUNTIME@}
 binds=()
@@ -45,12 +46,12 @@ if [ -z "$IMAGE" ]; then
   python=("${ZOOBOT_PYTHON:-python3}")
 elif [ "$RUNTIME" = apptainer ]; then
   if [ -n "${ZOOBOT_BIND:-}" ]; then binds=(--bind "$ZOOBOT_BIND"); fi
-  python=(apptainer exec@NV@ "${binds[@]}" "$IMAGE" python3)
+  python=(apptainer exec@NV@ ${binds[@]+"${binds[@]}"} "$IMAGE" python3)
 elif [ "$RUNTIME" = charliecloud ]; then  # an image directory; for GPUs run `ch-fromhost --nvidia` on it once
   IFS=, read -r -a paths <<<"${ZOOBOT_BIND:-}"
-  for path in "${paths[@]}"; do binds+=(-b "$path"); done
+  for path in ${paths[@]+"${paths[@]}"}; do binds+=(-b "$path"); done
   export USER=${USER:-$(id -un)}  # ch-run requires it
-  python=(ch-run @CHRUN_OPTIONS@ "${binds[@]}" "$IMAGE" -- python3)
+  python=(ch-run @CHRUN_OPTIONS@ ${binds[@]+"${binds[@]}"} "$IMAGE" -- python3)
 else
   echo "zoobot job: ZOOBOT_RUNTIME=$RUNTIME: use apptainer or charliecloud" >&2
   exit 2
@@ -58,10 +59,13 @@ fi
 """.replace("@CHRUN_OPTIONS@", CHRUN_OPTIONS)
 
 
+SHELL_CODE_PLACEHOLDERS = ("SBATCH", "ENV", "FIND_SPEC", "REQUEUE_SETUP", "REQUEUE_TEARDOWN")  # not values
+
+
 def _fill(template: str, **values: str) -> str:
     template = template.replace("@PYTHON_SETUP@", PYTHON_SETUP)
     for key, value in values.items():
-        if key not in ("SBATCH", "ENV", "FIND_SPEC") and re.search(r'["$`\\\n]', value):
+        if key not in SHELL_CODE_PLACEHOLDERS and re.search(r'["$`\\\n]', value):
             raise InputError(
                 f"{value!r} cannot go into a job script: remove quotes, $, backticks, backslashes"
             )
@@ -86,6 +90,9 @@ def _env_block(env: Mapping[str, object]) -> str:
         out.append(f"export {key}={shlex.quote(str(value))}")
     return "\n".join(out)
 
+
+# The variables by which the train script's environment overrides its config.
+RUN_OVERRIDES = ("ZOOBOT_CONFIG", "ZOOBOT_CATALOG", "ZOOBOT_SAVE_DIR", "ZOOBOT_SET")
 
 TRAIN_TEMPLATE = r"""#!/bin/bash
 # @TITLE@
@@ -121,7 +128,7 @@ args=(--config "$CONFIG")
 if [ -n "${ZOOBOT_CATALOG:-}" ]; then args+=(--set "catalog=$ZOOBOT_CATALOG"); fi
 if [ -n "${ZOOBOT_SAVE_DIR:-}" ]; then args+=(--set "save_dir=$ZOOBOT_SAVE_DIR"); fi
 read -r -a extra <<<"${ZOOBOT_SET:-}"
-for kv in "${extra[@]}"; do args+=(--set "$kv"); done
+for kv in ${extra[@]+"${extra[@]}"}; do args+=(--set "$kv"); done
 
 @PYTHON_SETUP@
 @ENV@
@@ -140,19 +147,13 @@ if ! "${python[@]}" -c "@FIND_SPEC@" 2>/dev/null; then
 fi
 "${python[@]}" -m zoobot_hpc preflight --in-job "${args[@]}"
 
-# After the requeue signal every rank saves last.ckpt and rank 0 (on this node) leaves this file: the
-# requeue is run here, on the host, because the ranks may be in a container without a Slurm client.
-export ZOOBOT_REQUEUE_FLAG=/tmp/zoobot-requeue-$SLURM_JOB_ID
-rm -f "$ZOOBOT_REQUEUE_FLAG"
+# After the requeue signal every rank saves last.ckpt and rank 0 (on this node) leaves the flag file;
+# the requeue runs here, on the host: the ranks may be in a container, without a Slurm client.
+@REQUEUE_SETUP@
 status=0
 srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \
   "${python[@]}" -m zoobot_hpc train "${args[@]}" || status=$?
-if [ -f "$ZOOBOT_REQUEUE_FLAG" ]; then
-  rm -f "$ZOOBOT_REQUEUE_FLAG"
-  echo "zoobot job $SLURM_JOB_ID: requeueing; the rerun resumes from last.ckpt"
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
-  echo "zoobot job $SLURM_JOB_ID: scontrol requeue failed; sbatch this script again to resume" >&2
-fi
+@REQUEUE_TEARDOWN@
 exit "$status"
 """
 
@@ -200,6 +201,8 @@ def render_train_script(
         SBATCH=_sbatch_block(spec.sbatch_directives(job_name=job_name, log_dir=log_dir)),
         ENV=_env_block(env or {}),
         FIND_SPEC=_FIND_SPEC,
+        REQUEUE_SETUP="\n".join(REQUEUE_SETUP),
+        REQUEUE_TEARDOWN="\n".join(REQUEUE_TEARDOWN),
     )
 
 
@@ -213,7 +216,8 @@ PREDICT_TEMPLATE = r"""#!/bin/bash
 # It submits itself as a job array of ZOOBOT_SHARDS tasks (one catalog shard each, writing
 # part-KKKKK-of-N.parquet into ZOOBOT_PREDICTIONS) and a merge job that runs only if every shard
 # succeeded (--dependency=afterok), writing ZOOBOT_OUTPUT. A failed shard is rerun alone with
-#   sbatch --array=K @SCRIPT_NAME@   (same environment), then the merge command it prints.
+#   sbatch --array=K @SCRIPT_NAME@   (same environment; the submission prints the exact command),
+# then the merge command it prints.
 # Environment (defaults in brackets):
 #   ZOOBOT_CHECKPOINT   trained checkpoint [@CHECKPOINT@]
 #   ZOOBOT_IMAGES       catalog (id_str, file_loc) or folder of images [@IMAGES@]
@@ -221,7 +225,7 @@ PREDICT_TEMPLATE = r"""#!/bin/bash
 #   ZOOBOT_OUTPUT       merged prediction file [@OUTPUT@]
 #   ZOOBOT_SHARDS       number of shards = array tasks [@SHARDS@]
 #   ZOOBOT_N_SAMPLES    MC-dropout forward passes per galaxy [@N_SAMPLES@]
-#   ZOOBOT_GPUS         GPUs each shard uses, 0 = CPU [@GPUS@]
+#   ZOOBOT_GPUS         GPUs each shard asks for and uses, 0 = CPU [@GPUS@]
 #   ZOOBOT_NUM_WORKERS  image-decoding processes per shard [@NUM_WORKERS@]
 #   ZOOBOT_IMAGE        container image for every task [@CONTAINER_DOC@]
 #   ZOOBOT_RUNTIME, ZOOBOT_BIND, ZOOBOT_PYTHON   as in the training script [@RUNTIME@]
@@ -250,7 +254,9 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
   export ZOOBOT_CHECKPOINT=$CHECKPOINT ZOOBOT_IMAGES=$IMAGES ZOOBOT_PREDICTIONS=$PREDICTIONS \
     ZOOBOT_OUTPUT=$OUTPUT ZOOBOT_SHARDS=$SHARDS ZOOBOT_N_SAMPLES=$N_SAMPLES ZOOBOT_GPUS=$GPUS \
     ZOOBOT_NUM_WORKERS=$NUM_WORKERS
-  array_id=$(sbatch --parsable --array="0-$((SHARDS - 1))" "$0")
+  submit=(sbatch)
+  if [ "$GPUS" != "@GPUS@" ]; then submit+=(--gpus-per-node="$GPUS"); fi  # replaces the #SBATCH line
+  array_id=$("${submit[@]}" --parsable --array="0-$((SHARDS - 1))" "$0")
   array_id=${array_id%%;*}
   merge=("${python[@]}" -m zoobot_hpc merge "$PREDICTIONS" "$OUTPUT" --images "$IMAGES")
   merge_id=$(sbatch --parsable --job-name=@JOB_NAME@-merge --dependency="afterok:$array_id" \
@@ -258,7 +264,7 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
     --output=@LOG_DIR@/%x-%j.out@MERGE_SBATCH@ --wrap="$(printf '%q ' "${merge[@]}")")
   merge_id=${merge_id%%;*}
   echo "submitted prediction array $array_id ($SHARDS shards) and merge job $merge_id"
-  echo "if a shard fails: sbatch --array=K $0, then: ${merge[*]}"
+  echo "if a shard fails: ${submit[*]} --array=K $0, then: ${merge[*]}"
   echo "$array_id $merge_id"
   exit 0
 fi
@@ -363,10 +369,15 @@ def outside_job() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def sbatch(script: str | Path, *args: str, env: Mapping[str, str] | None = None) -> str:
-    """Submit a script with sbatch from a clean environment; returns the job id."""
-    extra = dict(env or {})
-    full_env = {**clean_environment(), **extra}
+def sbatch(script: str | Path, *args: str, env: Mapping[str, str] | None = None, pinned: bool = False) -> str:
+    """Submit a script with sbatch from a clean environment; returns the job id.
+
+    `pinned`: the script's config is final, so the submitting shell's run overrides (`ZOOBOT_CONFIG`,
+    `ZOOBOT_SET`, ...), perhaps left exported from another run, must not reach it.
+    """
+    full_env = {**clean_environment(), **dict(env or {})}
+    if pinned:
+        full_env = {key: value for key, value in full_env.items() if key not in RUN_OVERRIDES}
     try:
         result = subprocess.run(
             ["sbatch", "--parsable", *args, str(script)],
@@ -384,13 +395,23 @@ def sbatch(script: str | Path, *args: str, env: Mapping[str, str] | None = None)
 
 
 def node_cpus(partition: str | None = None) -> int | None:
-    """CPUs of the smallest node in the partition (None when sinfo is unavailable)."""
-    cmd = ["sinfo", "-h", "-o", "%c"] + (["-p", partition] if partition else [])
+    """CPUs of the smallest node in `partition`, or in the default partition, where a job without
+    `--partition` runs (None when sinfo is unavailable)."""
+    cmd = ["sinfo", "-h", "-o", "%P %c"] + (["-p", partition] if partition else [])
     try:
         out = subprocess.run(
             cmd, capture_output=True, text=True, check=True, timeout=30, env=clean_environment()
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    counts = [int(x.rstrip("+")) for x in out.split() if x.rstrip("+").isdigit()]
+    return smallest_node(out, default_only=partition is None)
+
+
+def smallest_node(sinfo_partition_cpus: str, default_only: bool) -> int | None:
+    """The smallest CPU count in `sinfo -o "%P %c"` lines (sinfo marks the default partition `name*`)."""
+    counts = []
+    for line in sinfo_partition_cpus.splitlines():
+        name, _, cpus = line.strip().partition(" ")
+        if cpus.rstrip("+").isdigit() and (name.endswith("*") or not default_only):
+            counts.append(int(cpus.rstrip("+")))
     return min(counts) if counts else None

@@ -202,6 +202,6 @@ def _submit_sbatch(config: dict[str, Any], args: argparse.Namespace) -> int:
     script = render_train_script(config_path, spec, env=env, job_name=name, log_dir=str(log_dir))
     script_path = save_dir / f"{name}.sh"
     script_path.write_text(script)
-    job_id = sbatch(script_path)
+    job_id = sbatch(script_path, pinned=True)
     print(f"submitted job {job_id}: {script_path}; log {log_dir}/{name}-{job_id}.out")
     return 0
