@@ -28,7 +28,7 @@ from zoobot_hpc.catalog import CatalogError, load_splits, read_catalog
 from zoobot_hpc.checkpoint import CheckpointError
 from zoobot_hpc.cli import main
 from zoobot_hpc.config import ConfigError, load_config
-from zoobot_hpc.data import ImageError, load_image
+from zoobot_hpc.data import GalaxyDataset, ImageError, LoaderSettings, load_image
 from zoobot_hpc.demo import demo_catalog
 from zoobot_hpc.errors import InputError, InputWarning
 from zoobot_hpc.hardware import HardwareError
@@ -572,11 +572,50 @@ def _text_named_jpg(path: Path) -> Path:
     return path
 
 
+def _grey_tiff(path: Path, dtype: type) -> Path:
+    """The image as a one-channel TIFF of `dtype` (float32: Pillow mode F, int32: mode I)."""
+    tiff = path.with_suffix(".tif")
+    Image.fromarray(np.asarray(Image.open(path).convert("L")).astype(dtype)).save(tiff)
+    path.unlink()
+    return tiff
+
+
+def _float_tiff(path: Path) -> Path:
+    return _grey_tiff(path, np.float32)
+
+
+def _int32_tiff(path: Path) -> Path:
+    return _grey_tiff(path, np.int32)
+
+
+def _sixteen_bit_fits(path: Path) -> Path:
+    """The image as a FITS of signed 16-bit integers (BITPIX = 16), as survey cutouts come."""
+    grey = np.asarray(Image.open(path).convert("L"), dtype=">i2")
+    cards = [
+        "SIMPLE  = T",
+        "BITPIX  = 16",
+        "NAXIS   = 2",
+        f"NAXIS1  = {grey.shape[1]}",
+        f"NAXIS2  = {grey.shape[0]}",
+    ]
+    header = "".join(f"{card[:10]}{card[10:]:>20}".ljust(80) for card in cards) + "END".ljust(80)
+    fits = path.with_suffix(".fits")
+    fits.write_bytes(
+        header.encode().ljust(2880) + grey.tobytes().ljust(-(-grey.nbytes // 2880) * 2880, b"\0")
+    )
+    path.unlink()
+    return fits
+
+
 IMAGE_DAMAGE = {
     "zero-byte image": (_zero_bytes, "is an empty file"),
     "truncated JPEG": (_truncated_jpeg, "cannot be decoded"),
     "truncated PNG": (_truncated_png, "cannot be decoded"),
     "text file named .jpg": (_text_named_jpg, "cannot be decoded"),
+    # no standard 8-bit stretch: not clipped to 0-255 (black or white) without a word
+    "float TIFF": (_float_tiff, "has 32-bit floating-point pixels (Pillow mode F)"),
+    "32-bit integer TIFF": (_int32_tiff, "has 32-bit integer pixels (Pillow mode I)"),
+    "16-bit FITS": (_sixteen_bit_fits, "has 16-bit integer FITS pixels (Pillow mode I;16)"),
 }
 
 
@@ -628,6 +667,54 @@ def test_sixteen_bit_and_palette_pngs_load_and_predict(tmp_path, demo_dir, check
     assert load_image(str(folder / "palette.png"), color=True).shape == (3, 128, 128)
     out = load_predictions(predict(checkpoint, folder, tmp_path / "out.parquet", **FAST))
     assert sorted(out["id_str"]) == ["palette", "sixteen"]
+
+
+@pytest.mark.parametrize("damage", [_float_tiff, _int32_tiff, _sixteen_bit_fits])
+def test_deep_images_are_bad_images_not_black_ones(tmp_path, demo_dir, damage):
+    """The loader hands them to the bad-image policy (skip or error), saying how to convert them."""
+    good, victim = sorted(images(tmp_path, demo_dir, 2).iterdir())
+    bad = damage(victim)
+    dataset = GalaxyDataset(np.array([str(good), str(bad)]), None, color=False, size=(128, 128))
+    batch = next(iter(LoaderSettings(batch_size=2, num_workers=0).loader(dataset)))
+    assert batch["ok"].tolist() == [True, False]
+    assert f"image {bad} has " in batch["error"][1]
+    assert "convert it to an 8-bit PNG or JPEG with the stretch of your choice" in batch["error"][1]
+
+
+def test_sixteen_bit_tiff_is_scaled_like_a_sixteen_bit_png(tmp_path):
+    values = np.random.default_rng(0).integers(0, 65536, (20, 30)).astype(np.uint16)
+    for suffix in (".png", ".tif"):
+        Image.fromarray(values).save(tmp_path / f"sixteen{suffix}")
+    expected = torch.from_numpy(np.round(values / 257).astype(np.uint8))
+    for color, grey in [(True, "luma"), (False, "luma"), (False, "mean")]:
+        for suffix in (".png", ".tif"):
+            loaded = load_image(str(tmp_path / f"sixteen{suffix}"), color, grey=grey)
+            assert loaded.shape == (3 if color else 1, 20, 30), (suffix, color, grey)
+            assert all(torch.equal(channel, expected) for channel in loaded), (suffix, color, grey)
+
+
+def _converted(source: Path, target: Path, mode: str) -> Path:
+    Image.open(source).convert(mode).save(target, **({"lossless": True} if target.suffix == ".webp" else {}))
+    return target
+
+
+@pytest.mark.parametrize(("color", "grey"), [(True, "luma"), (False, "luma"), (False, "mean")])
+def test_webp_and_gif_batch_with_the_channels_asked_for(tmp_path, demo_dir, color, grey):
+    """torchvision decodes WebP and GIF in colour (RGBA WebP in 4 channels) whatever mode is asked."""
+    source = sorted((demo_dir / "images").glob("*.jpg"))[0]
+    png = _converted(source, tmp_path / "rgb.png", "RGB")
+    files = [png] + [
+        _converted(source, tmp_path / f"{mode}{suffix}", mode)
+        for mode in ("RGB", "RGBA")
+        for suffix in (".webp", ".gif")
+    ]
+    dataset = GalaxyDataset(np.array([str(f) for f in files]), None, color, (128, 128), grey)
+    batch = next(iter(LoaderSettings(batch_size=len(files), num_workers=0).loader(dataset)))
+    assert batch["ok"].all() and batch["image"].shape == (5, 3 if color else 1, 128, 128)
+    if color or grey == "mean":  # lossless WebP: the PNG's pixels exactly
+        assert torch.equal(batch["image"][1], batch["image"][0])
+    else:  # luma as documented: 0.299 R + 0.587 G + 0.114 B, as Pillow's "L"
+        assert torch.equal(batch["image"][1, 0], torch.from_numpy(np.array(Image.open(png).convert("L"))))
 
 
 def test_grey_images_with_a_colour_checkpoint_predict(tmp_path, demo_dir, checkpoint):

@@ -1,8 +1,16 @@
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from zoobot_hpc.catalog import CatalogError, load_splits, read_catalog, split_catalog
+from zoobot_hpc.demo import demo_catalog
 from zoobot_hpc.schema import load_schema
 
 SCHEMA = load_schema("decals_rings")
@@ -91,3 +99,45 @@ def test_long_lists_are_cut_with_the_total(demo_frame):
     df["file_loc"] = df["file_loc"] + ".missing"
     with pytest.raises(CatalogError, match=r"image files that do not exist \(370\).*and 365 more"):
         load_splits(SCHEMA, catalog=df)
+
+
+@pytest.mark.parametrize("pad", ["{} ", " {} "])
+def test_ids_and_paths_stay_text_whatever_spaces_surround_the_header(demo_copy, pad):
+    """Numeric-looking ids keep their leading zeros (they name galaxies in splits and skip lists)."""
+    df = pd.read_csv(demo_copy)
+    df["id_str"] = [f"{i:05d}" for i in range(len(df))]
+    (demo_copy.parent / df.loc[0, "file_loc"]).rename(demo_copy.parent / "0012")
+    df.loc[0, "file_loc"] = "0012"
+    lines = df.to_csv(index=False).splitlines()
+    lines[0] = ",".join(pad.format(name) for name in lines[0].split(","))  # "id_str ,file_loc ,..."
+    path = demo_copy.with_name("padded.csv")
+    path.write_text("\n".join(lines) + "\n")
+    read = read_catalog(path)
+    assert read["id_str"].iloc[:3].tolist() == ["00000", "00001", "00002"]
+    assert read["file_loc"].iloc[0] == f"{demo_copy.parent}/0012"
+    assert sorted(load_splits(SCHEMA, catalog=path).train["id_str"].str.len().unique()) == [5]
+
+
+AS_NOBODY = """
+import os, sys
+from zoobot_hpc.catalog import load_splits
+from zoobot_hpc.schema import load_schema
+schema = load_schema("decals_rings")
+os.setgroups([]), os.setgid(65534), os.setuid(65534)  # after the imports: the interpreter may be under /root
+print(len(load_splits(schema, catalog=sys.argv[1]).train))
+"""
+
+
+def test_images_in_a_folder_that_can_be_entered_but_not_listed_exist():
+    """Mode 711 (shared project folders): listing the folder fails, but its files open."""
+    if os.geteuid() != 0:
+        pytest.skip("checks as user 65534, which needs root to switch to (CI runs as root)")
+    with tempfile.TemporaryDirectory() as tmp:  # not tmp_path: pytest's base folder is private to root
+        Path(tmp).chmod(0o755)
+        shutil.copytree(demo_catalog().parent, Path(tmp) / "demo")
+        (Path(tmp) / "demo" / "images").chmod(0o711)
+        result = subprocess.run(
+            [sys.executable, "-c", AS_NOBODY, f"{tmp}/demo/catalog.csv"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert result.returncode == 0 and result.stdout.split()[-1] == "259", result.stderr[-2000:]

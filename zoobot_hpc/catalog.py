@@ -71,7 +71,7 @@ def _read_file(path: Path) -> pd.DataFrame:
     try:
         if suffix == ".parquet":
             return pd.read_parquet(path)
-        df = pd.read_csv(path, dtype={"id_str": str, "file_loc": str}, skipinitialspace=True)
+        df = pd.read_csv(path, dtype=_text_columns(path), skipinitialspace=True)
     except pd.errors.EmptyDataError as err:
         raise CatalogError(
             f"catalog {path} is empty; it needs a header line (id_str,file_loc,<vote columns>) "
@@ -81,6 +81,13 @@ def _read_file(path: Path) -> pd.DataFrame:
         raise CatalogError(f"catalog {path} could not be read ({err}); {_format_hint(path)}") from err
     df.columns = [str(c).strip() for c in df.columns]  # "id_str, file_loc" headers are common
     return df
+
+
+def _text_columns(path: Path) -> dict[str, type]:
+    """dtype=str for id_str and file_loc under their names as written ("id_str ", say): ids like
+    00042 must not be read as numbers, and pandas matches dtype before the names are stripped."""
+    header = pd.read_csv(path, nrows=0, skipinitialspace=True).columns
+    return {name: str for name in header if str(name).strip() in ("id_str", "file_loc")}
 
 
 def _format_hint(path: Path) -> str:
@@ -290,7 +297,8 @@ def files_exist(paths: pa.Array, candidates: np.ndarray) -> np.ndarray:
 
 
 def _files_in(folder: str, budget: int) -> list[str] | None:
-    """Names of the files in `folder` ([] if it cannot be listed), or None past `budget` entries."""
+    """Names of the files in `folder` ([] if it does not exist), or None (stat each file instead)
+    past `budget` entries or if it may be entered but not listed (mode 711)."""
     names = []
     try:
         with os.scandir(folder) as entries:
@@ -299,6 +307,8 @@ def _files_in(folder: str, budget: int) -> list[str] | None:
                     return None
                 if entry.is_file():
                     names.append(entry.name)
+    except PermissionError:
+        return None
     except OSError:
         return []
     return names

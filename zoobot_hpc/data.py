@@ -10,6 +10,7 @@ however many rows it has.
 from __future__ import annotations
 
 import contextlib
+import io
 import multiprocessing
 import signal
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # records it.
 GREY_MODES = ("luma", "mean")
 DEFAULT_GREY = "luma"
+# JPEG and PNG go to torchvision's decoders; the rest to Pillow (torchvision ignores GRAY for WebP/GIF)
+TORCHVISION_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+# Pillow modes (FITS, float or 32-bit TIFF) with no canonical stretch to 8 bits: refused, not guessed
+DEEP_MODES = {"F": "32-bit floating-point", "I": "32-bit integer"}
 
 
 class ImageError(InputError):
@@ -63,13 +68,15 @@ def load_image(
         ) from err
     if not raw:
         raise ImageError(f"image {path} is an empty file; replace it or remove its row from the catalog")
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     luma = not color and grey == "luma"
-    try:
-        image = decode_image(data, mode=ImageReadMode.GRAY if luma else ImageReadMode.RGB)
-    except RuntimeError:
-        image = _decode_with_pillow(path, "L" if luma else "RGB")
-    if image.dtype != torch.uint8:  # 16-bit PNG
+    image = None
+    if raw.startswith(TORCHVISION_SIGNATURES):
+        with contextlib.suppress(RuntimeError):  # (a damaged file: Pillow says what is wrong)
+            data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            image = decode_image(data, mode=ImageReadMode.GRAY if luma else ImageReadMode.RGB)
+    if image is None or image.shape[0] != (1 if luma else 3):
+        image = _decode_with_pillow(raw, path, "L" if luma else "RGB")
+    if image.dtype != torch.uint8:  # 16-bit PNG, or 16-bit grey from Pillow
         image = (image.float() / 257.0).round().to(torch.uint8)
     if not color and not luma:
         image = grey_mean(image)
@@ -93,10 +100,11 @@ def grey_mean(rgb: torch.Tensor) -> torch.Tensor:
     return total.to(torch.uint8).unsqueeze(0)
 
 
-def _decode_with_pillow(path: str, mode: str) -> torch.Tensor:
+def _decode_with_pillow(raw: bytes, path: str, mode: str) -> torch.Tensor:
+    """What torchvision does not decode, or not in `mode`'s channels; 16-bit grey stays 16-bit."""
     try:
-        with Image.open(path) as im:
-            pixels = np.asarray(im.convert(mode))
+        with Image.open(io.BytesIO(raw)) as im:
+            pixels = _pillow_pixels(im, path, mode)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageError(
             f"image {path} cannot be decoded ({err}); it is truncated or not an image: "
@@ -104,6 +112,34 @@ def _decode_with_pillow(path: str, mode: str) -> torch.Tensor:
         ) from err
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+def _pillow_pixels(im: Image.Image, path: str, mode: str) -> np.ndarray:
+    """`im` as (H, W[, C]) pixels in `mode`; Pillow's 16-bit modes keep their values, to scale as a PNG's.
+
+    `Image.convert` clips values to 0-255, which makes deep images black or white without a word.
+    """
+    deep = _without_8_bit_scale(im)
+    if deep:
+        raise ImageError(
+            f"image {path} has {deep} pixels (Pillow mode {im.mode}), which have no standard 8-bit "
+            "scale; replace it or remove its row from the catalog: convert it to an 8-bit PNG or "
+            "JPEG with the stretch of your choice (e.g. asinh)"
+        )
+    if im.mode.startswith("I;16"):  # 16-bit TIFF
+        grey = np.asarray(im).astype(np.int32)
+        return grey if mode == "L" else np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(im.convert(mode))
+
+
+def _without_8_bit_scale(im: Image.Image) -> str:
+    """What `im`'s pixels are if no stretch to 8 bits is canonical, else "".
+
+    Pillow reads 16-bit FITS as unsigned and ignores BZERO, so negative values would turn white.
+    """
+    if im.format == "FITS" and im.mode.startswith("I;16"):
+        return "16-bit integer FITS"
+    return DEEP_MODES.get(im.mode, "")
 
 
 def image_size(path: str) -> tuple[int, int]:
