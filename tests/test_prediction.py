@@ -401,3 +401,74 @@ def test_a_checkpoint_from_before_grey_was_recorded_predicts_with_the_mean(
     assert not np.allclose(expected["mean"], expected["luma"], rtol=1e-5)
     columns = [f"{c}_concentration" for c in model.schema.label_cols]
     assert np.allclose(predicted[columns].to_numpy(), expected["mean"], rtol=1e-5)
+
+
+def test_ids_stay_unique_when_a_longer_id_equals_another_stem(tmp_path, image_folder):
+    """a.jpg and a.png share a stem; their paths (a.jpg, a.png) then clash with a.jpg.png's stem."""
+    source = next(image_folder.glob("*.jpg"))
+    for name in ("a.jpg", "a.png", "a.jpg.png", "sub/a.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(source, tmp_path / name)
+    inputs = resolve_inputs(tmp_path)
+    assert inputs["id_str"].is_unique, list(inputs["id_str"])
+    assert dict(zip(inputs["file_loc"], inputs["id_str"], strict=True)) == {
+        str(tmp_path / "a.jpg"): "a.jpg",
+        str(tmp_path / "a.jpg.png"): "a.jpg.png",
+        str(tmp_path / "a.png"): "a.png",
+        str(tmp_path / "sub/a.jpg"): "sub/a",
+    }
+
+
+def test_cli_predicts_one_image_file(tmp_path, checkpoint, image_folder):
+    image = next(image_folder.glob("*.jpg"))
+    args = ["--n-samples", "2", "--num-workers", "0", "--no-progress"]
+    assert main(["predict", str(checkpoint), str(image), str(tmp_path / "one.csv"), *args]) == 0
+    assert list(load_predictions(tmp_path / "one.csv")["id_str"]) == [image.stem]
+
+
+def test_checkpoint_path_with_tilde(tmp_path, checkpoint, image_folder, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(checkpoint, tmp_path / "model.ckpt")
+    out = predict("~/model.ckpt", image_folder, tmp_path / "out.parquet", n_samples=2, **FAST)
+    assert load_predictions(out).attrs["zoobot_hpc"]["checkpoint"] == str(tmp_path / "model.ckpt")
+
+
+def test_pq_is_neither_an_input_nor_an_output_name(tmp_path, checkpoint, image_folder):
+    """Catalogs are .csv or .parquet; outputs take the same names, so a .pq output could not be read back."""
+    with pytest.raises(PredictionError, match=r"out\.pq: use a \.parquet"):
+        predict(checkpoint, image_folder, tmp_path / "out.pq", **FAST)
+
+
+def test_unsharded_rerun_removes_the_temporaries_of_a_killed_run(tmp_path, checkpoint, image_folder):
+    stale = [tmp_path / f".out.csv{kind}.x1y2.tmp" for kind in ("", ".meta.json", ".skipped.txt")]
+    for path in stale:
+        path.write_text("left by a killed run")
+    predict(checkpoint, image_folder, tmp_path / "out.csv", n_samples=2, **FAST)
+    assert not [p for p in stale if p.exists()]
+
+
+def test_csv_and_its_metadata_stay_a_pair_when_a_write_is_killed(
+    tmp_path, checkpoint, image_folder, monkeypatch
+):
+    """A kill while the CSV is built keeps the old pair; one between CSV and metadata is refused on load."""
+    import zoobot_hpc.prediction as prediction
+
+    out = predict(checkpoint, image_folder, tmp_path / "out.csv", n_samples=2, **FAST)
+    three = sorted(image_folder.glob("*.jpg"))[:3]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(prediction, "_csv_frame", killed)
+    with pytest.raises(KeyboardInterrupt):
+        predict(checkpoint, three, out, n_samples=3, **FAST)
+    monkeypatch.undo()
+    old = load_predictions(out)
+    assert len(old) == N_IMAGES and old.attrs["zoobot_hpc"]["n_samples"] == 2
+
+    monkeypatch.setattr(prediction, "write_text", killed)  # the CSV is renamed, its metadata is not
+    with pytest.raises(KeyboardInterrupt):
+        predict(checkpoint, three, out, n_samples=3, **FAST)
+    monkeypatch.undo()
+    with pytest.raises(PredictionError, match=r"out\.csv\.meta\.json does not describe .*out\.csv"):
+        load_predictions(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ from PIL import Image
 from test_prediction import trained_run
 
 from zoobot_hpc.cli import main
+from zoobot_hpc.prediction import load_model, predict_inputs, prediction_columns
 from zoobot_hpc.report import (
     ReportError,
     draw_report,
@@ -81,6 +83,32 @@ def test_panel_correlations_use_only_asked_galaxies(run):
     np.testing.assert_allclose(panel.answer_correlations, expected)
     assert math.isclose(panel.correlation, float(np.mean(expected)))
     assert panel.correlation > 0.5
+
+
+def test_catalog_fraction_columns_are_not_taken_for_predictions(run, tmp_path):
+    """Real GZ catalogs carry `{question}_{answer}_fraction` columns; the panels must plot the model's
+    predictions, not the catalog's own fractions (which match the volunteers by construction)."""
+    save_dir = tmp_path / "run"
+    shutil.copytree(run / "csv", save_dir / "csv")
+    shutil.copy(run / "results.yaml", save_dir / "results.yaml")
+    schema = load_schema("decals_rings")
+    test = read_splits(run)["test"]
+    for question in schema.questions:
+        votes = test[question.label_cols].to_numpy(dtype=float)
+        fractions = votes / np.maximum(votes.sum(axis=1, keepdims=True), 1)
+        for j, col in enumerate(question.label_cols):
+            test[f"{col}_fraction"] = fractions[:, j]
+    (save_dir / "splits").mkdir()
+    test.to_parquet(save_dir / "splits" / "test.parquet")
+
+    data = report_data(save_dir)
+    pred = predict_inputs(load_model(data.checkpoint), test, dropout=False, progress=False)
+    model_fractions = pd.DataFrame(prediction_columns(pred.samples, schema), index=pred.ids)
+    for panel, question in zip(data.panels, schema.questions, strict=True):
+        asked = test.loc[test[question.label_cols].sum(axis=1) > 0, "id_str"]
+        expected = model_fractions.loc[asked, [f"{c}_fraction" for c in question.label_cols]]
+        np.testing.assert_allclose(panel.predicted, expected.to_numpy(), rtol=1e-5)
+        assert not np.allclose(panel.predicted, panel.observed)
 
 
 def test_missing_run_files_are_named(tmp_path):

@@ -52,6 +52,7 @@ from zoobot_hpc.schema import Schema
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"zoobot_hpc"
+OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}  # the suffixes catalogs take too
 PART_PATTERN = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
 # metadata that must agree between parts of one prediction run
 RUN_KEYS = ("checkpoint_sha256", "schema", "n_samples", "dropout", "inputs", "inputs_sha256", "num_shards")
@@ -89,10 +90,10 @@ def load_model(checkpoint: str | Path) -> Any:
     return model.eval()
 
 
-def checkpoint_digest(checkpoint: str | Path) -> str:
-    """sha256 of the checkpoint file: identifies the model behind a prediction, wherever it was copied."""
+def file_sha256(path: Path) -> str:
+    """sha256 of a file: identifies a checkpoint wherever it was copied, and a CSV to its metadata."""
     digest = hashlib.sha256()
-    with open(checkpoint, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -141,8 +142,7 @@ def resolve_inputs(images: ImagesLike) -> pd.DataFrame:
     """`id_str` and absolute `file_loc` of every input, in a stable order.
 
     A folder is searched recursively for .png/.jpg/.jpeg files, sorted by relative path; a list
-    keeps its order. Their ids are file stems; where stems repeat, those ids become the path
-    (relative to the folder) without the suffix, or the path itself if that still repeats.
+    (or one image file) keeps its order. Their ids are file stems, made unique by `_unique_ids`.
     A catalog (CSV/Parquet path or DataFrame) gives its own `id_str`; vote columns are ignored.
     """
     if isinstance(images, pd.DataFrame) or (
@@ -155,10 +155,12 @@ def resolve_inputs(images: ImagesLike) -> pd.DataFrame:
             raise PredictionError(
                 f"images {folder} do not exist; give a folder, a catalog or a list of files"
             )
+        if folder.is_file() and folder.suffix.lower() in IMAGE_SUFFIXES:
+            return _list_inputs([folder.resolve()])
         if folder.is_file():
             raise PredictionError(
-                f"images {folder}: a single file is not a catalog; use a .csv or .parquet catalog, "
-                "a folder or a list of image paths"
+                f"images {folder}: a single file is neither a catalog nor an image; use a .csv or .parquet "
+                f"catalog, a folder, a list of image paths or one {'/'.join(IMAGE_SUFFIXES)} image"
             )
         return _folder_inputs(folder.resolve())
     return _list_inputs([Path(p).expanduser().resolve() for p in images])
@@ -193,19 +195,32 @@ def _list_inputs(files: list[Path]) -> pd.DataFrame:
 
 
 def _frame(files: list[Path], names: list[str]) -> pd.DataFrame:
-    """ids = stems, made unique with the (relative) path where stems repeat."""
-    stems = pd.Series([p.stem for p in files])
-    repeated = stems.duplicated(keep=False).to_numpy()
-    ids = [str(Path(n).with_suffix("")) if r else s for s, n, r in zip(stems, names, repeated, strict=True)]
-    still = pd.Series(ids).duplicated(keep=False).to_numpy()
-    ids = [n if r else i for i, n, r in zip(ids, names, still, strict=True)]
-    if repeated.any():
+    ids = _unique_ids(files, names)
+    renamed = [i for i, p in zip(ids, files, strict=True) if i != p.stem]
+    if renamed:
         log.warning(
-            "%d images share a file stem; their id_str is the path without suffix (e.g. %s)",
-            int(repeated.sum()),
-            next(i for i, r in zip(ids, repeated, strict=True) if r),
+            "%d images share a file stem; their id_str is the path without suffix, or with it where "
+            "that still repeats (e.g. %s)",
+            len(renamed),
+            renamed[0],
         )
     return pd.DataFrame({"id_str": ids, "file_loc": [str(p) for p in files]})
+
+
+def _unique_ids(files: list[Path], names: list[str]) -> list[str]:
+    """File stems; each clashing id steps to the path without suffix, then to the path, until none clash.
+
+    One pass is not enough: a longer id can equal another file's stem (`a.jpg`, `a.png` and
+    `a.jpg.png`). The paths (`names`) are unique, so the loop ends.
+    """
+    forms = [(p.stem, str(Path(n).with_suffix("")), n) for p, n in zip(files, names, strict=True)]
+    level = np.zeros(len(forms), dtype=int)
+    while True:
+        ids = pd.Series([form[k] for form, k in zip(forms, level, strict=True)])
+        clash = ids.duplicated(keep=False).to_numpy() & (level < 2)
+        if not clash.any():
+            return list(ids)
+        level += clash
 
 
 def _catalog_inputs(catalog: str | Path | pd.DataFrame) -> pd.DataFrame:
@@ -384,11 +399,8 @@ def _csv_frame(pred: Predictions, schema: Schema) -> pd.DataFrame:
 
 
 def output_format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    if suffix == ".csv":
-        return "csv"
+    if path.suffix.lower() in OUTPUT_FORMATS:
+        return OUTPUT_FORMATS[path.suffix.lower()]
     raise PredictionError(f"output {path}: use a .parquet (recommended) or .csv file name")
 
 
@@ -402,10 +414,28 @@ def write_predictions(pred: Predictions, schema: Schema, path: Path, metadata: d
         with atomic_path(path) as tmp:
             pq.write_table(_arrow_table(pred, schema, metadata), tmp)
     else:
-        write_text(_meta_path(path), json.dumps(metadata, indent=1))
-        with atomic_path(path) as tmp:
-            _csv_frame(pred, schema).to_csv(tmp, index=False)
+        _write_csv_pair(pred, schema, path, metadata)
     write_skip_list(skip_list_path(path), pred.skipped)
+
+
+def _write_csv_pair(pred: Predictions, schema: Schema, path: Path, metadata: dict[str, Any]) -> None:
+    """The CSV first, then `<path>.meta.json` holding the CSV's sha256 (`csv_sha256`).
+
+    No rename replaces two files at once. In this order a kill while the (long) CSV is written
+    keeps the old pair, and a kill between the two renames leaves the new CSV with the old metadata,
+    which `read_metadata` refuses by the digest. A digest of the whole file, not of its ids, so a
+    rerun over the same galaxies with other settings cannot pass either.
+    """
+    with atomic_path(path) as tmp:
+        _csv_frame(pred, schema).to_csv(tmp, index=False)
+        digest = file_sha256(tmp)
+    write_text(_meta_path(path), json.dumps({**metadata, "csv_sha256": digest}, indent=1))
+
+
+def _remove_stale_outputs(path: Path) -> None:
+    """Delete the temporaries a killed writer of `path` (and of its metadata and skip list) left."""
+    for target in (path, _meta_path(path), skip_list_path(path)):
+        remove_stale_temporaries(target)
 
 
 def _meta_path(path: Path) -> Path:
@@ -421,13 +451,29 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """The zoobot-hpc metadata of a prediction file (Parquet footer, or the CSV's .meta.json)."""
     path = Path(path)
     if output_format(path) == "csv":
-        meta = _meta_path(path)
-        return json.loads(meta.read_text()) if meta.is_file() else {}
+        return _csv_metadata(path)
     try:
         raw = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowException) as err:
         raise PredictionError(f"prediction file {path} cannot be read ({err})") from err
     return json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {}
+
+
+def _csv_metadata(path: Path) -> dict[str, Any]:
+    """The CSV's .meta.json, refused if it records another CSV's sha256 (see `_write_csv_pair`;
+    metadata written before that check records none)."""
+    meta = _meta_path(path)
+    if not meta.is_file():
+        return {}
+    metadata = json.loads(meta.read_text())
+    expected = metadata.get("csv_sha256")
+    if expected is not None and expected != file_sha256(path):
+        raise PredictionError(
+            f"{meta} does not describe {path}: its csv_sha256 differs (a run was killed between writing "
+            f"the two, or one of them was edited or copied alone); predict again, or delete {meta.name} "
+            "to read the CSV without metadata"
+        )
+    return metadata
 
 
 def load_predictions(path: str | Path) -> pd.DataFrame:
@@ -493,10 +539,10 @@ def predict(
     """
     _check_arguments(n_samples, batch_size, num_workers, on_bad_image, shard_index, num_shards)
     torch_device = resolve_device(gpus, device)
-    save_path = Path(save_path).expanduser()
+    checkpoint, save_path = Path(checkpoint).expanduser(), Path(save_path).expanduser()
     if num_shards is None:
         output_format(save_path)
-    elif save_path.suffix.lower() in (".parquet", ".pq", ".csv"):
+    elif save_path.suffix.lower() in OUTPUT_FORMATS:
         raise PredictionError(f"save_path {save_path}: with num_shards it is a folder for the part files")
     _check_writable(save_path if num_shards else save_path.parent)
     inputs = resolve_inputs(images)  # a wrong path fails in seconds, before the model loads
@@ -512,6 +558,7 @@ def predict(
         progress=progress,
     )
     if num_shards is None:
+        _remove_stale_outputs(save_path)
         _predict_and_write(model, inputs, save_path, run_metadata, settings)
         return save_path
     bounds = shard_bounds(len(inputs), num_shards)
@@ -522,7 +569,7 @@ def predict(
         if part_is_complete(part, shard_inputs, run_metadata):
             _say(f"{part} is complete; skipping shard {k}", progress)
             continue
-        remove_stale_temporaries(part)  # only this part's: other shards may be running
+        _remove_stale_outputs(part)  # only this part's: other shards may be running
         metadata = {**run_metadata, "shard_index": k, "shard_rows": [start, end]}
         _predict_and_write(model, shard_inputs, part, metadata, settings, f"shard {k + 1}/{num_shards}")
     return save_path
@@ -568,7 +615,7 @@ def _check_arguments(
 
 
 def _run_metadata(
-    checkpoint: str | Path,
+    checkpoint: Path,
     model: Any,
     inputs: pd.DataFrame,
     n_samples: int,
@@ -577,8 +624,8 @@ def _run_metadata(
 ) -> dict[str, Any]:
     hp = model.hparams
     return {
-        "checkpoint": str(Path(checkpoint).expanduser().resolve()),
-        "checkpoint_sha256": checkpoint_digest(checkpoint),
+        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint_sha256": file_sha256(checkpoint),
         "schema": model.schema.to_dict(),
         "model_architecture": hp.model_architecture,
         "channels": int(hp.channels),
@@ -670,7 +717,7 @@ def merge_parts(folder: str | Path, output: str | Path, images: ImagesLike | Non
     tables = [pq.read_table(parts[k]) for k in range(num_shards)]
     table = pa.concat_tables(tables)
     skipped = [s for k in range(num_shards) for s in metas[k].get("skipped", [])]
-    _check_ids_once(table, skipped, parts, metas, reference["inputs"])
+    _check_ids_once(tables, parts, metas, reference["inputs"])
     if images is not None:
         _check_against_inputs(table, skipped, images)
     merged_meta = {
@@ -745,16 +792,12 @@ def _check_same_run(parts: dict[int, Path], metas: dict[int, dict[str, Any]], fi
 
 
 def _check_ids_once(
-    table: pa.Table,
-    skipped: list[dict[str, str]],
-    parts: dict[int, Path],
-    metas: dict[int, dict[str, Any]],
-    total: int,
+    tables: list[pa.Table], parts: dict[int, Path], metas: dict[int, dict[str, Any]], total: int
 ) -> None:
+    """Every id in exactly one part (predicted or skipped), and as many as the run had inputs."""
     owners: dict[str, str] = {}
     for k, path in sorted(parts.items()):
-        ids = pq.read_table(path, columns=["id_str"]).column("id_str").to_pylist()
-        ids += [s["id_str"] for s in metas[k].get("skipped", [])]
+        ids = tables[k].column("id_str").to_pylist() + [s["id_str"] for s in metas[k].get("skipped", [])]
         for galaxy in ids:
             if galaxy in owners:
                 raise PredictionError(f"id {galaxy!r} appears in both {owners[galaxy]} and {path.name}")

@@ -115,8 +115,13 @@ def learning_curves(save_dir: Path) -> pd.DataFrame:
 
 
 def question_panels(predictions: pd.DataFrame, catalog: pd.DataFrame, schema: Any) -> list[QuestionPanel]:
-    """Pair predicted expected fractions with volunteer fractions, per question, where it was asked."""
-    merged = catalog.merge(predictions, on="id_str", how="inner", suffixes=("", "_pred"))
+    """Pair predicted expected fractions with volunteer fractions, per question, where it was asked.
+
+    Only `id_str` and the vote counts are taken from the catalog: real catalogs also carry
+    `{question}_{answer}_fraction` columns, which would otherwise stand in for the predictions.
+    """
+    votes_only = catalog[["id_str", *schema.label_cols]]
+    merged = votes_only.merge(predictions, on="id_str", how="inner")
     panels = []
     for question in schema.questions:
         votes = merged[question.label_cols].to_numpy(dtype=np.float64)

@@ -15,7 +15,6 @@ every check passed (warnings and skips allowed) and 1 when one failed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -366,8 +365,6 @@ def check_train_step(work: Path) -> Check:
 
 def check_prediction(work: Path, checkpoint: str | None) -> Check:
     """Predict a few demo images with the checkpoint of the training step, through the CLI."""
-    if importlib.util.find_spec("zoobot_hpc.prediction") is None:
-        return Check("prediction", SKIP, "zoobot_hpc.predict is not in this version of the package yet")
     if not checkpoint:
         return Check("prediction", SKIP, "no checkpoint, because the training step did not run")
     import pandas as pd
