@@ -49,6 +49,32 @@ def test_unreadable_training_image_stops_the_run_naming_it(tmp_path, demo_copy):
     assert frame["file_loc"].iat[5] in str(err.value) and "on_bad_image='skip'" in str(err.value)
 
 
+def test_unreadable_image_on_one_ddp_rank_stops_every_rank_naming_it(tmp_path, demo_copy):
+    """Two gloo ranks; the truncated image is in rank 1's first batch. Rank 0, whose message the user
+    sees, must stop with the same error naming the file, not die on a closed connection (gloo) or
+    wait for the process-group timeout (NCCL)."""
+    frame = read_catalog(demo_copy).iloc[:40]
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(42))  # DistributedSampler's
+    bad = frame["file_loc"].iat[int(order[1])]  # rank 1 takes order[1::2]
+    _truncate(bad)
+    splits = {}
+    for name, part in _splits(frame).items():
+        part.to_parquet(tmp_path / f"{name}.parquet")
+        splits[name] = str(tmp_path / f"{name}.parquet")
+    config = _config(tmp_path, frame, tmp_path / "run", epochs=1, catalog=None, batch_size=4, gpus=2,
+                     accelerator="cpu", **splits)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "zoobot_hpc", "train", "--config", str(config)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"zoobot-hpc train: error: image {bad} cannot be decoded" in result.stderr
+        and "on_bad_image='skip'" in result.stderr
+    )
+    assert "Traceback" not in result.stderr and "Connection closed" not in result.stderr
+
+
 def test_skipped_images_are_listed_counted_and_training_finishes(tmp_path, demo_copy):
     frame = read_catalog(demo_copy).iloc[:40]
     _truncate(frame["file_loc"].iat[5])  # train split

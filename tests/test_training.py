@@ -21,6 +21,7 @@ from zoobot_hpc.catalog import read_catalog
 from zoobot_hpc.checkpoint import CheckpointError
 from zoobot_hpc.config import load_config
 from zoobot_hpc.data import GalaxyDataModule, LoaderSettings, load_image
+from zoobot_hpc.errors import InputError
 from zoobot_hpc.prediction import load_model, load_predictions, predict
 from zoobot_hpc.training import read_metrics, read_splits
 
@@ -71,6 +72,51 @@ def test_resolved_config_reruns_and_logs_exist(tiny_run):
     metrics = read_metrics(save_dir)
     assert {"val_loss/smooth-or-featured", "val_loss/has-spiral-arms"} <= set(metrics.columns)
     assert metrics.dropna(subset=["val_loss"])["epoch"].tolist() == [0, 1]
+
+
+def test_numpy_settings_train_and_are_recorded_as_plain_yaml(tmp_path, demo_frame):
+    settings = {**TINY, "batch_size": np.int64(16), "crop_scale_bounds": np.array([0.7, 0.8])}
+    model, _ = train(tmp_path, "decals_rings", catalog=demo_frame.iloc[:60], epochs=np.int64(1), **settings)
+    text = (tmp_path / "config.yaml").read_text()
+    assert "!!python" not in text
+    config = yaml.safe_load(text)
+    assert config["batch_size"] == 16 and config["crop_scale_bounds"] == [0.7, 0.8]
+    assert type(model.hparams.crop_scale_bounds[0]) is float
+
+
+def test_set_fills_an_empty_slurm_section(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("schema: decals_rings\nslurm:\n")
+    assert load_config(config, ["slurm.mem=32G"])["slurm"] == {"mem": "32G"}
+
+
+class _TrainerCalled(Exception):
+    pass
+
+
+def test_trainer_kwargs_that_train_sets_are_refused_before_any_work(tmp_path, demo_frame, monkeypatch):
+    """Every pl.Trainer argument train() sets itself, found by catching the call: a duplicate in
+    trainer_kwargs is refused naming the train() argument to use (or saying the package sets it)."""
+    passed: dict = {}
+
+    def record(**kwargs):
+        passed.update(kwargs)
+        raise _TrainerCalled
+
+    settings = {**TINY, "trainer_kwargs": None}
+    with monkeypatch.context() as patch:
+        patch.setattr("zoobot_hpc.training.pl.Trainer", record)
+        with pytest.raises(_TrainerCalled):
+            train(tmp_path / "probe", "decals_rings", catalog=demo_frame.iloc[:60], **settings)
+    assert {"max_epochs", "callbacks", "log_every_n_steps", "precision", "devices"} <= set(passed)
+    for key in passed:
+        with pytest.raises(InputError, match=rf"trainer_kwargs\[{key!r}\]"):
+            train(tmp_path / key, "decals_rings", catalog=demo_frame.iloc[:60],
+                  **{**settings, "trainer_kwargs": {key: passed[key]}})  # fmt: skip
+        assert not (tmp_path / key).exists()
+    with pytest.raises(InputError, match="'epochs'"):
+        train(tmp_path / "run", "decals_rings", catalog=demo_frame.iloc[:60],
+              **{**settings, "trainer_kwargs": {"max_epochs": 3}})  # fmt: skip
 
 
 def test_seed_style_call_on_the_370_real_galaxies_improves_validation_loss(tmp_path, shared_catalog):

@@ -41,6 +41,27 @@ def write_skip_list(target: Path, skipped: list[dict[str, str]]) -> None:
     write_text(target, "# id_str\tfile_loc\treason\n" + "\n".join(lines) + "\n")
 
 
+def _stop_if_any_rank_failed(trainer: pl.Trainer, errors: list[str], split: str) -> None:
+    """Every rank stops at the same batch, naming every rank's unreadable files: a rank stopping alone
+    would leave the others in their next collective, dying on a closed connection or hanging."""
+    # every rank calls this at every batch, so the collective matches (as for a non-finite loss)
+    if not trainer.strategy.reduce_boolean_decision(bool(errors), all=False):
+        return
+    raise ImageError(
+        f"{'; '.join(_from_every_rank(errors))} ({split} split; set on_bad_image='skip' to train without "
+        "such images, each listed in skipped_images.txt)"
+    )
+
+
+def _from_every_rank(mine: list[Any]) -> list[Any]:
+    """The items of every rank's list, in rank order (a collective call under DDP)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return mine
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return [item for rank in gathered for item in rank]
+
+
 class BadImagePolicy(pl.Callback):
     """Applies the policy to every training, validation and test batch, before the step sees it."""
 
@@ -65,15 +86,13 @@ class BadImagePolicy(pl.Callback):
 
     def _apply(self, trainer: pl.Trainer, batch: dict[str, Any], split: str) -> None:
         bad = ~batch["ok"].bool()
-        if not bad.any():
-            return
         rows = torch.nonzero(bad).flatten().tolist()
         errors = [batch["error"][i] for i in rows]
         if self.policy == "error":
-            raise ImageError(
-                f"{errors[0]} ({split} split; set on_bad_image='skip' to train without such images, "
-                "each listed in skipped_images.txt)"
-            )
+            _stop_if_any_rank_failed(trainer, errors, split)
+            return
+        if not errors:
+            return
         batch["votes"][bad] = 0  # no votes: exactly zero loss and gradient for this galaxy
         ids = trainer.datamodule.ids(split, batch["index"][bad])
         frame = trainer.datamodule.frames[split]
@@ -91,12 +110,7 @@ class BadImagePolicy(pl.Callback):
 
     def all_skipped(self) -> list[dict[str, str]]:
         """The skipped images of every rank (a collective call under DDP)."""
-        mine = list(self.skipped.values())
-        if not (dist.is_available() and dist.is_initialized()):
-            return mine
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        unique = {(s["id_str"], s["file_loc"]): s for rank in gathered for s in rank}
+        unique = {(s["id_str"], s["file_loc"]): s for s in _from_every_rank(list(self.skipped.values()))}
         return list(unique.values())
 
     def write(self, trainer: pl.Trainer) -> None:

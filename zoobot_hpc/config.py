@@ -11,17 +11,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import inspect
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import yaml
 
 from zoobot_hpc.errors import InputError
 from zoobot_hpc.hardware import HardwareSpec
 
+Function = TypeVar("Function", bound=Callable[..., Any])
 SLURM_SECTION = "slurm"
 HARDWARE_TRAIN_KEYS = ("nodes", "gpus", "num_workers", "mixed_precision", "accelerator")
 SLURM_KEYS = (*(f.name for f in dataclasses.fields(HardwareSpec) if f.name not in HARDWARE_TRAIN_KEYS), "env")
@@ -85,13 +87,22 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
             raise ConfigError(f"config file {path} must hold a mapping of train() arguments")
         config = dict(loaded)
     for text in overrides:
-        keys, value = parse_override(text)
-        target = config
-        for part in keys[:-1]:
-            target = target.setdefault(part, {})
-        target[keys[-1]] = value
+        _apply_override(config, text)
     validate_config(config, where=str(path) if path else "--set overrides")
     return _read_floats(config)
+
+
+def _apply_override(config: dict[str, Any], text: str) -> None:
+    """Set one `--set` value; a section left empty in the file (`slurm:` alone) is an empty section."""
+    keys, value = parse_override(text)
+    target = config
+    for part in keys[:-1]:
+        if target.get(part) is None:
+            target[part] = {}
+        target = target[part]
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {text!r}: {part!r} is {target!r}, not a section of settings")
+    target[keys[-1]] = value
 
 
 def _read_floats(config: dict[str, Any]) -> dict[str, Any]:
@@ -179,13 +190,32 @@ def dump_yaml(data: Mapping[str, Any]) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """Tuples, paths and numpy scalars as plain YAML types."""
+    """Tuples, paths and numpy or torch values as plain YAML types."""
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
+    return python_value(value)
+
+
+def python_value(value: Any) -> Any:
+    """A numpy (or torch) scalar or array, also inside a list or tuple, as the Python number or list
+    it holds: type checks, Lightning's samplers and YAML know only those."""
+    if type(value) in (list, tuple):
+        return type(value)(python_value(v) for v in value)
+    if callable(getattr(value, "tolist", None)):
+        return value.tolist()
     return value
+
+
+def python_arguments(function: Function) -> Function:
+    """Call `function` with `python_value` of each argument: `batch_size=np.int64(32)` is checked,
+    used and recorded in the config as the 32 it is."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return function(*map(python_value, args), **{k: python_value(v) for k, v in kwargs.items()})
+
+    return cast(Function, call)

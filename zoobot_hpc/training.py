@@ -28,7 +28,7 @@ from zoobot_hpc.augment import check_bounds
 from zoobot_hpc.bad_images import BadImagePolicy, check_policy
 from zoobot_hpc.catalog import CatalogLike, Splits, load_splits
 from zoobot_hpc.checkpoint import check_resumable
-from zoobot_hpc.config import check_argument_types, dump_yaml
+from zoobot_hpc.config import check_argument_types, dump_yaml, python_arguments
 from zoobot_hpc.data import (
     DEFAULT_GREY,
     GREY_MODES,
@@ -54,12 +54,28 @@ LAST_CHECKPOINT = "last.ckpt"
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.yaml"
 SPLITS_DIR = "splits"
+TRAINER_SETTINGS_FROM_ARGUMENTS = {  # pl.Trainer arguments train() sets: the train() argument to use
+    "default_root_dir": "save_dir",
+    "max_epochs": "epochs",
+    "logger": "logger",
+    "accelerator": "accelerator",
+    "devices": "gpus",
+    "num_nodes": "nodes",
+    "precision": "mixed_precision",
+}
+TRAINER_SETTINGS_MANAGED = {  # ... and those that no argument sets: how train() chooses them
+    "callbacks": "checkpoints, early stopping (patience), on_bad_image, signals and throughput",
+    "plugins": "the cluster environment and atomic checkpoint writes",
+    "strategy": "DDP when nodes x gpus > 1",
+    "log_every_n_steps": "from the batches per epoch, at most 50",
+}
 
 
 class SaveDirError(InputError):
     """`save_dir` cannot be used."""
 
 
+@python_arguments  # numpy values (np.int64 batch sizes, array bounds) as the Python ones they hold
 def train(
     save_dir: str | Path,
     schema: str | Path | Schema,
@@ -105,7 +121,8 @@ def train(
     `resume='auto'` continues from `save_dir/checkpoints/last.ckpt` if it exists (what a requeued
     job needs); `True` requires it, `False` starts afresh, a path resumes from that checkpoint.
     `logger` replaces the default TensorBoard logger; `wandb_logger` is used in addition to the CSV log.
-    `trainer_kwargs` passes further settings to `pl.Trainer` (e.g. `limit_train_batches`).
+    `trainer_kwargs` passes further settings to `pl.Trainer` (e.g. `limit_train_batches`); those
+    train() sets itself (`max_epochs`, `callbacks`, ...) are refused, naming the argument to use.
     `on_bad_image='skip'` trains without unreadable images (listed in `skipped_images.txt`) instead
     of stopping at the first; `on_nonfinite_loss='skip'` skips (and counts) a step whose loss is
     NaN/inf instead of stopping. `loader_timeout` (s) stops a run whose image reads hang.
@@ -116,6 +133,7 @@ def train(
 
     # 1. checks that cost seconds
     check_argument_types(arguments)  # a quoted YAML value is a string: `color: "no"` would be true
+    _check_trainer_kwargs(trainer_kwargs or {})
     check_policy("on_bad_image", on_bad_image)
     check_policy("on_nonfinite_loss", on_nonfinite_loss)
     if grey not in GREY_MODES:
@@ -232,6 +250,22 @@ def train(
     report_after_training(save_dir)
     best_model = GalaxyZooModel.load_from_checkpoint(best_path, map_location="cpu")
     return best_model, trainer
+
+
+def _check_trainer_kwargs(trainer_kwargs: dict[str, Any]) -> None:
+    """A Trainer setting that train() sets too would fail as a duplicate keyword, after the config
+    and splits are written: refuse it now, saying where that setting lives."""
+    for key in trainer_kwargs:
+        if key in TRAINER_SETTINGS_FROM_ARGUMENTS:
+            argument = TRAINER_SETTINGS_FROM_ARGUMENTS[key]
+            raise InputError(
+                f"trainer_kwargs[{key!r}]: train() sets it from its argument {argument!r}; "
+                f"set {argument!r} instead (the same key in a config file)"
+            )
+        if key in TRAINER_SETTINGS_MANAGED:
+            raise InputError(
+                f"trainer_kwargs[{key!r}]: zoobot-hpc sets it ({TRAINER_SETTINGS_MANAGED[key]}); remove it"
+            )
 
 
 def _check_positive(**values: int) -> None:
