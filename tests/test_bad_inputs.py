@@ -448,6 +448,8 @@ BAD_SETTINGS = [
         ["crop_ratio_bounds=(1.1, 0.9)", "e.g. (0.9, 1.1)"],
     ),
     ({"batch_size": 0}, InputError, ["batch_size=0: must be a whole number >= 1"]),
+    ({"patience": -1}, InputError, ["patience=-1: must be a whole number >= 0"]),
+    ({"random_state": -1}, InputError, ["random_state=-1: must be a whole number >= 0"]),
     ({"epochs": "10"}, ConfigError, ["epochs='10' (str): must be a whole number", "(no quotes)"]),
     ({"color": "no"}, ConfigError, ["color='no' (str): must be true or false", "color: false"]),
     ({"learning_rate": "fast"}, ConfigError, ["learning_rate='fast' (str): must be a number", "0.001"]),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 from PIL import Image
@@ -22,6 +23,7 @@ from zoobot_hpc.checkpoint import CheckpointError
 from zoobot_hpc.config import load_config
 from zoobot_hpc.data import GalaxyDataModule, LoaderSettings, load_image
 from zoobot_hpc.errors import InputError
+from zoobot_hpc.interruptions import Interrupted
 from zoobot_hpc.prediction import load_model, load_predictions, predict
 from zoobot_hpc.training import read_metrics, read_splits
 
@@ -82,6 +84,52 @@ def test_numpy_settings_train_and_are_recorded_as_plain_yaml(tmp_path, demo_fram
     config = yaml.safe_load(text)
     assert config["batch_size"] == 16 and config["crop_scale_bounds"] == [0.7, 0.8]
     assert type(model.hparams.crop_scale_bounds[0]) is float
+
+
+def add_trainer_callback(monkeypatch, callback: pl.Callback) -> None:
+    """One more callback in the Trainer that train() builds (train() owns its callback list)."""
+    original = pl.Trainer.__init__
+
+    def init(self, *args, callbacks=(), **kwargs):
+        original(self, *args, callbacks=[*callbacks, callback], **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "__init__", init)
+
+
+class _Seeds(pl.Callback):
+    """The seed each training batch's augmentation and dropout were drawn from."""
+
+    def __init__(self) -> None:
+        self.seeds: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seeds.append(torch.initial_seed())
+
+
+def test_accumulated_batches_draw_their_own_augmentations(tmp_path, demo_frame, monkeypatch):
+    """Two batches per optimizer step (accumulate_grad_batches=2): each batch gets its own seed."""
+    seeds = _Seeds()
+    add_trainer_callback(monkeypatch, seeds)
+    kwargs = {**QUIET, "accumulate_grad_batches": 2, "limit_val_batches": 1}
+    train(
+        tmp_path, "decals_rings", catalog=demo_frame.iloc[:90], epochs=2, **{**TINY, "trainer_kwargs": kwargs}
+    )
+    assert len(seeds.seeds) == 6  # 3 batches of 16 per epoch (63 training galaxies, the rest dropped) x 2
+    assert len(set(seeds.seeds)) == len(seeds.seeds)
+
+
+class _SigtermAtSanityCheck(pl.Callback):
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler is in place: it ends the stage
+
+
+def test_sigterm_before_training_starts_is_an_interruption_not_a_success(tmp_path, demo_frame, monkeypatch):
+    """Lightning ends a stage that SIGTERM reaches with a SystemExit that exits 0; a job killed before
+    its first step must not look finished."""
+    add_trainer_callback(monkeypatch, _SigtermAtSanityCheck())
+    settings = {**TINY, "batch_size": 4}  # 12 validation galaxies: the signal lands before the last batch
+    with pytest.raises(Interrupted, match="stopped by SIGTERM before training"):
+        train(tmp_path, "decals_rings", catalog=demo_frame.iloc[:120], epochs=1, **settings)
 
 
 def test_set_fills_an_empty_slurm_section(tmp_path):

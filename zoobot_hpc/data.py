@@ -28,7 +28,7 @@ from torchvision.transforms.v2.functional import resize
 
 from zoobot_hpc.catalog import arrow_strings
 from zoobot_hpc.errors import InputError, RunError
-from zoobot_hpc.interruptions import seed_step
+from zoobot_hpc.interruptions import seed_batch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Grey images (color=False) as: "luma", 0.299 R + 0.587 G + 0.114 B, which a JPEG stores as its own
@@ -329,10 +329,13 @@ class GalaxyDataModule(pl.LightningDataModule):
         }
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Before each training batch is augmented: reseed from (seed, step, rank), for exact resume."""
+        """Before each training batch is augmented: reseed from (seed, batch, rank), for exact resume.
+
+        The batches since the start of the run (restored with the loop state on resume).
+        """
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            seed_step(self.seed, trainer.global_step, trainer.global_rank)
+            seed_batch(self.seed, trainer.fit_loop.epoch_loop.total_batch_idx, trainer.global_rank)
         return batch
 
     def ids(self, split: str, indices: torch.Tensor) -> list[str]:

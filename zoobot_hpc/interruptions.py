@@ -21,25 +21,30 @@ which has no Slurm client); rank 0 then only writes that file. Without it (a han
 script) rank 0 runs `scontrol` itself. No rank exits before the request is made: `srun
 --kill-on-bad-exit` ends the whole step as soon as one rank exits.
 
-`seed_step` reseeds the random generators from (seed, step, rank) before every training batch
+`seed_batch` reseeds the random generators from (seed, batch, rank) before every training batch
 (`GalaxyDataModule.on_before_batch_transfer`), so a resumed run draws the same augmentations and
-dropout masks at each step as one that never stopped (Lightning checkpoints do not carry RNG
-states); the shuffling sampler is seeded from (seed, epoch).
+dropout masks at each batch as one that never stopped (Lightning checkpoints do not carry RNG
+states); the shuffling sampler is seeded from (seed, epoch). The batch count, not the optimizer
+step: the batches accumulated into one step, or a step skipped for a non-finite loss, would
+otherwise share their augmentations and dropout masks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from zoobot_hpc.atomic import write_text
 from zoobot_hpc.errors import RunError
@@ -94,6 +99,16 @@ class StopOnSignal(pl.Callback):
         )
 
 
+@contextlib.contextmanager
+def sigterm_is_an_interruption(stage: str) -> Iterator[None]:
+    """SIGTERM outside `StopOnSignal`'s reach (before training starts, or during the test) is
+    Lightning's, which ends the stage with a SystemExit that exits 0, as if the run had finished."""
+    try:
+        yield
+    except SIGTERMException:
+        raise Interrupted(f"stopped by SIGTERM {stage}; rerun the same command to resume") from None
+
+
 def request_requeue() -> str:
     """Requeue this Slurm job (or array task), or leave that to the job script; says what happened."""
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
@@ -120,9 +135,9 @@ def request_requeue() -> str:
     return f"requeued job {job}: it resumes from the checkpoint when it restarts"
 
 
-def seed_step(seed: int, step: int, rank: int) -> None:
-    """Seed Python, numpy and torch (CPU and every CUDA device) from (seed, step, rank)."""
-    value = (seed * 1_000_003 + step * 1_009 + rank) % 2**32
+def seed_batch(seed: int, batch: int, rank: int) -> None:
+    """Seed Python, numpy and torch (CPU and every CUDA device) from (seed, batch, rank)."""
+    value = (seed * 1_000_003 + batch * 1_009 + rank) % 2**32
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)

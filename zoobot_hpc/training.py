@@ -39,7 +39,7 @@ from zoobot_hpc.data import (
 from zoobot_hpc.errors import InputError
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.hardware import HardwareSpec
-from zoobot_hpc.interruptions import StopOnSignal
+from zoobot_hpc.interruptions import StopOnSignal, sigterm_is_an_interruption
 from zoobot_hpc.models import ENCODERS, ModelError
 from zoobot_hpc.report import report_after_training
 from zoobot_hpc.schema import Schema, load_schema
@@ -143,8 +143,8 @@ def train(
             f"model_architecture={model_architecture!r} is unknown; use one of {', '.join(ENCODERS)}"
         )
     check_bounds(resize_size, crop_scale_bounds, crop_ratio_bounds)
-    _check_positive(batch_size=batch_size, epochs=epochs, prefetch_factor=prefetch_factor)
-    _check_positive(patience=patience + 1)  # patience may be 0
+    _check_whole(1, batch_size=batch_size, epochs=epochs, prefetch_factor=prefetch_factor)
+    _check_whole(0, patience=patience, random_state=random_state)
     hardware = HardwareSpec(
         nodes=nodes,
         gpus=gpus,
@@ -235,14 +235,18 @@ def train(
     )
 
     # 4. fit
-    with loader_errors_explained(datamodule.loader_settings):
+    # (after training starts, StopOnSignal owns SIGTERM: it saves and raises Interrupted itself)
+    with loader_errors_explained(datamodule.loader_settings), sigterm_is_an_interruption("before training"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     # 5. the best checkpoint, tested
     best_path = checkpointing.best_model_path or str(save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT)
     test_metrics: dict[str, float] = {}
     if len(splits.test):
-        with loader_errors_explained(datamodule.loader_settings):
+        with (
+            loader_errors_explained(datamodule.loader_settings),
+            sigterm_is_an_interruption("while testing the trained model"),
+        ):
             results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     faults = {"skipped_images": len(bad_images.all_skipped()), "skipped_nonfinite_steps": model.skipped_steps}
@@ -268,10 +272,10 @@ def _check_trainer_kwargs(trainer_kwargs: dict[str, Any]) -> None:
             )
 
 
-def _check_positive(**values: int) -> None:
+def _check_whole(minimum: int, **values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InputError(f"{name}={value!r}: must be a whole number >= 1")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise InputError(f"{name}={value!r}: must be a whole number >= {minimum}")
 
 
 def _prepare_save_dir(save_dir: str | Path) -> Path:
