@@ -103,9 +103,12 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def _check_images(splits: Any, color: bool, workers: int) -> int:
     """Decode every image of every split; list the unreadable ones (all of them, in a file if many)."""
+    import pandas as pd
+
     from zoobot_hpc.data import unreadable_images
 
-    locs = [loc for split in ("train", "val", "test") for loc in getattr(splits, split)["file_loc"]]
+    splits_locs = [getattr(splits, split)["file_loc"] for split in ("train", "val", "test")]
+    locs = pd.concat(splits_locs, ignore_index=True)  # text columns: no Python string per row
     bad = unreadable_images(locs, color, workers)
     if not bad:
         print(f"ok: all {len(locs)} images decode")

@@ -222,17 +222,16 @@ def unreadable_images(file_locs: Sequence[str], color: bool, num_workers: int) -
     """(file, reason) of every image that cannot be decoded, checked in parallel with a progress bar."""
     from tqdm.auto import tqdm
 
-    locs = np.asarray(file_locs, dtype=str)
-    dataset = GalaxyDataset(locs, None, color, common_image_size(locs, fallback=64))
+    dataset = GalaxyDataset(file_locs, None, color, common_image_size(file_locs, fallback=64))
     loader = LoaderSettings(batch_size=32, num_workers=num_workers, prefetch_factor=2).loader(dataset)
     bad: list[tuple[str, str]] = []
-    with tqdm(total=len(locs), unit="img", desc="decoding", disable=None) as bar:
+    with tqdm(total=len(dataset), unit="img", desc="decoding", disable=None) as bar:
         for batch in loader:
             for index, ok, error in zip(
                 batch["index"].tolist(), batch["ok"].tolist(), batch["error"], strict=True
             ):
                 if not ok:
-                    bad.append((str(locs[index]), error))
+                    bad.append((dataset.file_locs[index].as_py(), error))
             bar.update(len(batch["index"]))
     return bad
 

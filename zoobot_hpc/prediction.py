@@ -263,8 +263,8 @@ def ids_digest(ids: Sequence[str]) -> str:
 class Predictions:
     """Samples of one run over some inputs, and the inputs it skipped."""
 
-    ids: np.ndarray
-    file_locs: np.ndarray
+    ids: pd.Series  # text, indexed 0..n-1 like `samples` (no fixed-width copy: 4 bytes per character)
+    file_locs: pd.Series
     samples: np.ndarray  # (galaxies, samples, answers) float32 concentrations
     skipped: list[dict[str, str]] = field(default_factory=list)
 
@@ -284,17 +284,16 @@ def predict_inputs(
     """Concentration samples of every input row (in memory; `predict` writes them to files)."""
     device = torch.device(device)
     model = model.to(device).eval()
-    locs = inputs["file_loc"].to_numpy(dtype=str)
     color = model.hparams.channels == 3
-    size = common_image_size(locs, fallback=model.hparams.resize_size)
+    size = common_image_size(inputs["file_loc"].array, fallback=model.hparams.resize_size)
     dataset = GalaxyDataset(inputs["file_loc"], None, color, size, model.hparams.grey)  # as trained
     settings = LoaderSettings(batch_size, num_workers, 2, pin_memory=device.type == "cuda", timeout_s=600)
     samples_per_image = n_samples if dropout else 1
-    out = np.zeros((len(locs), samples_per_image, len(model.schema.label_cols)), dtype=np.float32)
-    ok = np.zeros(len(locs), dtype=bool)
+    out = np.zeros((len(inputs), samples_per_image, len(model.schema.label_cols)), dtype=np.float32)
+    ok = np.zeros(len(inputs), dtype=bool)
     skipped: list[dict[str, str]] = []
     with (
-        _progress_bar(len(locs), progress, description) as bar,
+        _progress_bar(len(inputs), progress, description) as bar,
         torch.inference_mode(),
         loader_errors_explained(settings),
     ):
@@ -310,7 +309,8 @@ def predict_inputs(
                 )
                 ok[index[good]] = True
             bar.update(len(index))
-    return Predictions(inputs["id_str"].to_numpy(dtype=str)[ok], locs[ok], out[ok], skipped)
+    kept = inputs[ok].reset_index(drop=True)
+    return Predictions(kept["id_str"], kept["file_loc"], out[ok], skipped)
 
 
 def _bad_image(inputs: pd.DataFrame, row: int, message: str, policy: str) -> dict[str, str]:
@@ -370,8 +370,8 @@ def prediction_columns(samples: np.ndarray, schema: Schema) -> dict[str, np.ndar
 def _arrow_table(pred: Predictions, schema: Schema, metadata: dict[str, Any]) -> pa.Table:
     n_samples = pred.samples.shape[1]
     columns: dict[str, pa.Array] = {
-        "id_str": pa.array(pred.ids.astype(object), pa.string()),
-        "file_loc": pa.array(pred.file_locs.astype(object), pa.string()),
+        "id_str": pa.array(pred.ids, pa.string()),
+        "file_loc": pa.array(pred.file_locs, pa.string()),
     }
     derived = prediction_columns(pred.samples, schema)
     for j, col in enumerate(schema.label_cols):
@@ -726,8 +726,8 @@ def merge_parts(folder: str | Path, output: str | Path, images: ImagesLike | Non
     merged_meta["merged_from"] = [p.name for _, p in sorted(parts.items())]
     schema = Schema.from_dict(reference["schema"])
     pred = Predictions(
-        np.asarray(table.column("id_str").to_pylist(), dtype=str),
-        np.asarray(table.column("file_loc").to_pylist(), dtype=str),
+        table.column("id_str").to_pandas(),
+        table.column("file_loc").to_pandas(),
         _samples_from_table(table, schema, reference["n_samples"]),
         skipped,
     )
