@@ -14,5 +14,12 @@ class RunError(RuntimeError):
     loss); the message says what happened and what to change."""
 
 
+def check_whole(minimum: int, error: type[InputError] = InputError, **values: object) -> None:
+    """Each value an int (not a bool) of at least `minimum`, or `error` naming it."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise error(f"{name}={value!r}: must be a whole number >= {minimum}")
+
+
 class InputWarning(UserWarning):
     """Input that works but is probably not what was meant (e.g. more loader workers than CPUs)."""

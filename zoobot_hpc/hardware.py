@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from zoobot_hpc.errors import InputError, InputWarning
+from zoobot_hpc.errors import InputError, InputWarning, check_whole
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 CONTAINER_RUNTIMES = ("apptainer", "charliecloud")  # a .sif file; an image directory run by ch-run
@@ -119,10 +119,7 @@ class HardwareSpec:
             raise HardwareError(
                 f"container_runtime={self.container_runtime!r}: use one of {', '.join(CONTAINER_RUNTIMES)}"
             )
-        for name in ("nodes", "gpus", "num_workers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise HardwareError(f"{name}={value!r}: must be a whole number >= 0")
+        check_whole(0, HardwareError, nodes=self.nodes, gpus=self.gpus, num_workers=self.num_workers)
         if self.nodes < 1:
             raise HardwareError(f"nodes={self.nodes}: must be at least 1")
         if self.resolved_accelerator == "gpu" and self.gpus == 0:

@@ -46,7 +46,7 @@ from zoobot_hpc.data import (
     common_image_size,
     loader_errors_explained,
 )
-from zoobot_hpc.errors import InputError
+from zoobot_hpc.errors import InputError, check_whole
 from zoobot_hpc.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -596,13 +596,8 @@ def _check_arguments(
     shard_index: int | None,
     num_shards: int | None,
 ) -> None:
-    for name, value, low in (
-        ("n_samples", n_samples, 1),
-        ("batch_size", batch_size, 1),
-        ("num_workers", num_workers, 0),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise PredictionError(f"{name}={value!r}: must be a whole number >= {low}")
+    check_whole(1, PredictionError, n_samples=n_samples, batch_size=batch_size)
+    check_whole(0, PredictionError, num_workers=num_workers)
     check_policy("on_bad_image", on_bad_image)
     if num_shards is None:
         if shard_index is not None:

@@ -36,7 +36,7 @@ from zoobot_hpc.data import (
     LoaderSettings,
     loader_errors_explained,
 )
-from zoobot_hpc.errors import InputError
+from zoobot_hpc.errors import InputError, check_whole
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.hardware import HardwareSpec
 from zoobot_hpc.interruptions import StopOnSignal, sigterm_is_an_interruption
@@ -143,8 +143,8 @@ def train(
             f"model_architecture={model_architecture!r} is unknown; use one of {', '.join(ENCODERS)}"
         )
     check_bounds(resize_size, crop_scale_bounds, crop_ratio_bounds)
-    _check_whole(1, batch_size=batch_size, epochs=epochs, prefetch_factor=prefetch_factor)
-    _check_whole(0, patience=patience, random_state=random_state)
+    check_whole(1, batch_size=batch_size, epochs=epochs, prefetch_factor=prefetch_factor)
+    check_whole(0, patience=patience, random_state=random_state)
     hardware = HardwareSpec(
         nodes=nodes,
         gpus=gpus,
@@ -270,12 +270,6 @@ def _check_trainer_kwargs(trainer_kwargs: dict[str, Any]) -> None:
             raise InputError(
                 f"trainer_kwargs[{key!r}]: zoobot-hpc sets it ({TRAINER_SETTINGS_MANAGED[key]}); remove it"
             )
-
-
-def _check_whole(minimum: int, **values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise InputError(f"{name}={value!r}: must be a whole number >= {minimum}")
 
 
 def _prepare_save_dir(save_dir: str | Path) -> Path:
