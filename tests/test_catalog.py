@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from zoobot_hpc.catalog import CatalogError, load_splits, read_catalog, split_catalog
+from zoobot_hpc.catalog import CatalogError, find_problems, load_splits, read_catalog, split_catalog
 from zoobot_hpc.demo import demo_catalog
 from zoobot_hpc.schema import load_schema
 
@@ -92,6 +92,17 @@ def test_every_problem_is_reported_at_once(demo_copy):
     ):
         assert expected in message
     assert "extra_unknown_column" not in message
+
+
+def test_a_repeated_id_is_found_behind_an_empty_one(demo_frame):
+    """Ids in order apart from one repeat behind a missing id, which the order check cannot compare."""
+    df = demo_frame.head(4).copy()
+    df["id_str"] = ["G0", "G1", None, "G0"]
+    problems = find_problems(read_catalog(df), SCHEMA, "frame", check_files=False)
+    assert problems.kinds == {
+        "empty id_str (give every galaxy an id)": ["row 2"],
+        "duplicate id_str (ids must be unique)": ["row 0 ('G0')", "row 3 ('G0')"],
+    }
 
 
 def test_long_lists_are_cut_with_the_total(demo_frame):

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zoobot_hpc.catalog import absolute_paths, files_exist, find_problems, read_catalog
+from zoobot_hpc.catalog import _all_distinct, absolute_paths, files_exist, find_problems, read_catalog
 from zoobot_hpc.config import dump_yaml
 from zoobot_hpc.loss import dirichlet_multinomial_nll
 from zoobot_hpc.schema import Schema, SchemaError, load_schema
@@ -160,8 +160,11 @@ def catalogs(draw: st.DrawFn) -> tuple[pd.DataFrame, dict[str, set[int]]]:
     ids = [f"G{i}" for i in range(n)]
     for a, b in draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=3)):
         ids[b] = ids[a]
+    for row in draw(st.lists(st.integers(0, n - 1), max_size=2)):
+        ids[row] = ""
+    expected["empty id_str (give every galaxy an id)"] = {i for i, name in enumerate(ids) if not name}
     expected["duplicate id_str (ids must be unique)"] = set(
-        np.flatnonzero(pd.Series(ids).duplicated(keep=False))
+        np.flatnonzero(pd.Series(ids).duplicated(keep=False) & (pd.Series(ids) != ""))
     )
     locs = draw(st.lists(st.sampled_from([*LOCS, ""]), min_size=n, max_size=n))
     expected["image files that do not exist"] = {i for i, loc in enumerate(locs) if loc and not LOCS[loc]}
@@ -184,6 +187,19 @@ def test_find_problems_reports_exactly_the_bad_rows(image_folders, case):
         assert len(rows) == len(set(rows)), (kind, items)  # each row once
         reported[kind] = set(rows)
     assert reported == expected
+
+
+@FAST
+@given(
+    ids=st.lists(st.one_of(st.none(), st.text("ab é", max_size=3)), max_size=30),
+    in_order=st.booleans(),
+)
+def test_distinct_id_check_agrees_with_a_set(ids, in_order):
+    """Both ways of proving ids distinct (neighbours in order; a hash pass) agree with a set."""
+    if in_order:  # in order but for the nulls, which stay where they were
+        ordered = iter(sorted(i for i in ids if i is not None))
+        ids = [None if i is None else next(ordered) for i in ids]
+    assert _all_distinct(pa.array(ids, pa.large_string())) == (len(set(ids)) == len(ids))
 
 
 # ---------------------------------------------------------------------------------------- paths

@@ -229,10 +229,21 @@ def _check_ids(ids: pd.Series, problems: Problems) -> None:
     text = arrow_strings(ids)
     empty = ~_non_empty(text)
     problems.add("empty id_str (give every galaxy an id)", _rows(np.flatnonzero(empty)))
-    if pd.Index(ids).is_unique:  # the common case, at half the cost of finding which rows repeat
+    if _all_distinct(text):  # the common case, proved without naming the rows that repeat
         return
     duplicated = _duplicated(text) & ~empty
     problems.add("duplicate id_str (ids must be unique)", _rows(*_where(duplicated, ids)))
+
+
+def _all_distinct(values: pa.Array) -> bool:
+    """Whether no value occurs twice (null counts as a value).
+
+    Catalogs are often written sorted by id: one comparison of neighbours proves those distinct
+    (a million ids in milliseconds). Otherwise one Arrow hash pass counts the distinct values.
+    """
+    if len(values) < 2 or pc.all(pc.less(values[:-1], values[1:]), skip_nulls=False).as_py():
+        return True
+    return len(pc.unique(values)) == len(values)
 
 
 def _duplicated(values: pa.Array) -> np.ndarray:
