@@ -613,7 +613,7 @@ IMAGE_DAMAGE = {
     "zero-byte image": (_zero_bytes, "is an empty file"),
     "truncated JPEG": (_truncated_jpeg, "cannot be decoded"),
     "truncated PNG": (_truncated_png, "cannot be decoded"),
-    "text file named .jpg": (_text_named_jpg, "cannot be decoded"),
+    "text file named .jpg": (_text_named_jpg, "cannot be decoded: no image format that torchvision or"),
     # no standard 8-bit stretch: not clipped to 0-255 (black or white) without a word
     "float TIFF": (_float_tiff, "has 32-bit floating-point pixels (Pillow mode F)"),
     "32-bit integer TIFF": (_int32_tiff, "has 32-bit integer pixels (Pillow mode I)"),

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from zoobot_hpc.augment import GalaxyAugment
 from zoobot_hpc.data import GalaxyDataset, LoaderSettings, grey_mean, load_image
@@ -267,3 +268,31 @@ def test_packed_paths_give_each_row_its_own_image_through_worker_processes(tmp_p
     expected = torch.stack([load_image(path, color=False, size=(128, 128)) for path in rows])
     assert torch.equal(images, expected)
     assert len({image.sum().item() for image in images}) == len(rows)  # 12 different galaxies
+
+
+def test_worker_batches_hold_what_the_default_collation_of_the_items_does(tmp_path, demo_frame):
+    """Small fields cross from the workers as numpy arrays and arrive as the tensors torch's own
+    collation makes of the same items: values, dtypes and shapes, an unreadable image included."""
+    frame = demo_frame.iloc[:10].reset_index(drop=True)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    frame.loc[3, "file_loc"] = str(broken)
+    label_cols = load_schema("decals_rings").label_cols
+    dataset = GalaxyDataset.from_catalog(frame, label_cols, color=False, size=(96, 96))
+    loader = LoaderSettings(batch_size=4, num_workers=2, prefetch_factor=2).loader(dataset)
+    expected = [
+        default_collate([{**item, "votes": torch.from_numpy(item["votes"])} for item in items])
+        for items in (
+            [dataset[i] for i in range(start, min(start + 4, len(dataset)))]
+            for start in range(0, len(dataset), 4)
+        )
+    ]
+    batches = list(loader)
+    assert len(batches) == len(expected) == 3
+    for got, want in zip(batches, expected, strict=True):
+        assert got.keys() == want.keys()
+        assert got["error"] == want["error"] and "BytesIO" not in str(got["error"])
+        for key in ("image", "index", "ok", "votes"):
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert batches[0]["ok"].tolist() == [True, True, True, False] and "broken.jpg" in batches[0]["error"][3]
+    assert batches[0]["votes"].tolist()[:3] == frame[label_cols].to_numpy()[:3].tolist()

@@ -130,6 +130,26 @@ def test_hanging_image_read_stops_the_run_with_a_clear_message(tmp_path, demo_co
     assert "validate --check-images" in stderr and "Traceback" not in stderr
 
 
+RAISE_WHILE_LOADING = """
+import sys
+from zoobot_hpc.data import GalaxyDataset, LoaderSettings
+dataset = GalaxyDataset(sys.argv[1:], None, color=False, size=(64, 64))
+loader = LoaderSettings(batch_size=2, num_workers=2, prefetch_factor=2).loader(dataset)
+for batch in loader:
+    raise RuntimeError("an error while the loader workers run")
+"""
+
+
+def test_an_uncaught_error_with_loader_workers_running_ends_the_process(demo_frame):
+    """The workers ignore the job's SIGTERM, but not the one Python's exit sends them (after an uncaught
+    error, with the loader still referenced): the process ends instead of waiting for them forever."""
+    paths = list(demo_frame["file_loc"].iloc[:20])
+    result = subprocess.run(
+        [sys.executable, "-c", RAISE_WHILE_LOADING, *paths], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "an error while the loader workers run" in result.stderr, result.stderr
+
+
 # -- non-finite losses -------------------------------------------------------------------------------
 
 
