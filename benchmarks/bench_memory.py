@@ -15,6 +15,7 @@ images, `file_loc` relative to the catalog), 4 loader workers, 20,000 samples.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -83,7 +84,8 @@ def worker_memory(catalog: pd.DataFrame, label_cols: list[str], samples: int) ->
     )
     iterator = iter(loader)
     next(iterator)
-    pids = [w.pid for w in iterator._workers]
+    pids = [worker.pid for worker in multiprocessing.active_children()]  # the loader's workers
+    assert len(pids) == WORKERS, pids
     start = {pid: memory_of(pid) for pid in pids}
     peak = dict(start)
     seen = BATCH
