@@ -126,13 +126,16 @@ def main() -> None:
     args = parser.parse_args()
     schema = load_schema("decals_rings")
     WORK.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "in order": WORK / f"catalog_{args.rows}.parquet",
+        "shuffled": WORK / f"catalog_{args.rows}_shuffled.parquet",
+    }
     times = {}
-    for order in ("in order", "shuffled"):
-        path = WORK / f"catalog_{args.rows}{'_shuffled' if order == 'shuffled' else ''}.parquet"
+    for order, path in paths.items():
         if not path.is_file():
             make_catalog(path, args.rows, schema.label_cols, shuffled=order == "shuffled")
         times[order] = time_catalog(path, schema, args.reps)
-    path = WORK / f"catalog_{args.rows}.parquet"
+    path = paths["in order"]
     df = read_catalog(path)
     t = time.perf_counter()
     file_problems = find_problems(df, schema, str(path), check_files=True)
