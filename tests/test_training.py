@@ -132,6 +132,30 @@ def test_sigterm_before_training_starts_is_an_interruption_not_a_success(tmp_pat
         train(tmp_path, "decals_rings", catalog=demo_frame.iloc[:120], epochs=1, **settings)
 
 
+class _SigtermInLastValidation(pl.Callback):
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # after the last training step
+
+
+def test_sigterm_in_the_last_validation_stops_before_the_test(tmp_path, demo_frame, monkeypatch):
+    """Slurm's SIGTERM after the last step must not be lost (the test would start, and SIGKILL end it
+    there): the run stops with the finished fit saved, and the rerun only tests it."""
+    add_trainer_callback(monkeypatch, _SigtermInLastValidation())
+    settings = {"schema": "decals_rings", "catalog": demo_frame.iloc[:90], "epochs": 2, **TINY}
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at the end of training, step 6; saved"):
+        train(tmp_path, **settings)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (saved["epoch"], saved["global_step"]) == (1, 6)
+    assert not (tmp_path / "results.yaml").exists()
+    monkeypatch.undo()
+    train(tmp_path, **settings)
+    results = yaml.safe_load((tmp_path / "results.yaml").read_text())
+    assert results["test"] and results["epochs_completed"] == 2
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 6  # nothing trained again
+
+
 def test_set_fills_an_empty_slurm_section(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("schema: decals_rings\nslurm:\n")

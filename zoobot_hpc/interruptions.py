@@ -13,7 +13,8 @@ different collective, and the save's barrier never completes. Instead, at the st
 training step the ranks agree (one all-reduce) whether any of them was signalled; if so every rank
 saves the same full-state `last.ckpt` at the same step, rank 0 asks for the requeue on USR1, and
 `Interrupted` ends the run. A signal during validation takes effect at the next training step,
-after that epoch's checkpoint.
+after that epoch's checkpoint; one during the last epoch's validation, when training ends (its
+`last.ckpt` is then the finished fit, so the rerun goes straight to the test).
 
 Who runs `scontrol requeue`: the batch shell, on the host, after srun, when it says so by setting
 `ZOOBOT_REQUEUE_FLAG` (the job scripts and submitit jobs do: the ranks may run in a container,
@@ -79,14 +80,28 @@ class StopOnSignal(pl.Callback):
                 signal.signal(signum, self._record)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        received = self.received
-        if trainer.world_size > 1:  # every rank calls this at every step, so the collective matches
-            flag = torch.tensor(received, device=trainer.strategy.root_device)
-            received = int(trainer.strategy.reduce(flag, reduce_op="max"))
-        if received == NOT_SIGNALLED:
-            return
-        trainer.save_checkpoint(self.checkpoint)  # every rank, same step; atomic (AtomicCheckpointIO)
-        where = f"epoch {trainer.current_epoch}, step {trainer.global_step}; saved {self.checkpoint}"
+        received = self._agreed(trainer)
+        if received != NOT_SIGNALLED:
+            trainer.save_checkpoint(self.checkpoint)  # every rank, same step; atomic (AtomicCheckpointIO)
+            self._stop(trainer, received, f"epoch {trainer.current_epoch}, step {trainer.global_step}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        """A signal after the last training step (in the last validation) would otherwise be lost: the
+        test would start, and SIGKILL end it. ModelCheckpoint has saved the finished fit already."""
+        received = self._agreed(trainer)
+        if received != NOT_SIGNALLED:
+            self._stop(trainer, received, f"the end of training, step {trainer.global_step}")
+
+    def _agreed(self, trainer: pl.Trainer) -> int:
+        """The strongest signal any rank received. Every rank calls this at the same hooks, so the
+        collective matches."""
+        if trainer.world_size == 1:
+            return self.received
+        flag = torch.tensor(self.received, device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(flag, reduce_op="max"))
+
+    def _stop(self, trainer: pl.Trainer, received: int, when: str) -> None:
+        where = f"{when}; saved {self.checkpoint}"
         if received == REQUEUE:
             outcome = "rank 0 asked for the requeue"
             if trainer.is_global_zero:
