@@ -2,7 +2,9 @@
 measured by benchmarks/):
 
 - the vectorised Dirichlet-Multinomial loss equals a per-question loop of pyro's
-  `DirichletMultinomial` log-probs, values and gradients, on random and edge-case votes;
+  `DirichletMultinomial` log-probs, values and gradients, on random and edge-case votes; its
+  written-out gradient is the derivative of its values; evaluating only the answered entries (CPU)
+  gives what evaluating all of them (accelerators) does;
 - the batched affine augmentation draws crop scale, aspect ratio, rotation and flips from the
   configured bounds, and a known bright square covers the area fraction the crop scale implies;
 - MC dropout with the encoder run once equals n full forward passes when the dropout masks are the
@@ -24,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
+from zoobot_hpc import loss
 from zoobot_hpc.augment import GalaxyAugment
 from zoobot_hpc.data import GalaxyDataset, LoaderSettings, grey_mean, load_image
 from zoobot_hpc.galaxy_model import GalaxyZooModel
@@ -102,6 +105,42 @@ def test_vectorised_loss_equals_per_question_pyro_loop(schema_name, case):
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast.double(), slow.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_input.grad.double(), slow_input.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("entries", ["answered", "all"])
+@pytest.mark.parametrize("vote_dtype", [torch.int32, torch.float64])
+def test_loss_gradient_is_the_derivative_of_its_values(monkeypatch, entries, vote_dtype):
+    """Finite differences of the float64 values against the written-out gradient, with whole votes
+    (log-factorials from a table on the CPU) and float votes (from lgamma)."""
+    monkeypatch.setattr(loss, "_answered_only", lambda device: entries == "answered")
+    schema = load_schema("gz_decals_dr5")
+    generator = torch.Generator().manual_seed(3)
+    votes = random_votes(schema, 6, generator, max_votes=30).to(vote_dtype)
+    concentrations = 1 + 100 * torch.rand(6, len(schema.label_cols), generator=generator, dtype=torch.float64)
+    groups = schema.answer_to_question_matrix
+    assert torch.autograd.gradcheck(
+        lambda alpha: dirichlet_multinomial_nll(alpha, votes, groups), (concentrations.requires_grad_(True),)
+    )
+
+
+@pytest.mark.parametrize("schema_name", ["gz_decals_dr5", "gz2"])
+def test_loss_over_answered_entries_equals_the_loss_over_all(monkeypatch, schema_name):
+    """The CPU evaluates only answered entries, summed by index; accelerators evaluate all, summed by
+    a matrix product. Run here on the CPU, both ways."""
+    schema = load_schema(schema_name)
+    generator = torch.Generator().manual_seed(5)
+    votes = random_votes(schema, 128, generator, max_votes=60)
+    concentrations = 1 + 100 * torch.sigmoid(
+        3 * torch.randn(128, len(schema.label_cols), generator=generator)
+    )
+    results = {}
+    for entries in ("answered", "all"):
+        monkeypatch.setattr(loss, "_answered_only", lambda device, entries=entries: entries == "answered")
+        alpha = concentrations.clone().requires_grad_(True)
+        values = dirichlet_multinomial_nll(alpha, votes, schema.answer_to_question_matrix)
+        values.sum().backward()
+        results[entries] = (values.detach(), alpha.grad)
+    torch.testing.assert_close(results["answered"], results["all"], rtol=1e-6, atol=1e-7)
 
 
 def test_unasked_questions_give_exact_zero_loss_and_gradient():
