@@ -143,6 +143,17 @@ def test_loss_over_answered_entries_equals_the_loss_over_all(monkeypatch, schema
     torch.testing.assert_close(results["answered"], results["all"], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("entries", ["answered", "all"])
+def test_a_negative_count_gives_a_non_finite_loss_not_an_error(monkeypatch, entries):
+    """Corrupt votes must reach the training step's non-finite check (which names the batch's
+    galaxies), not fail inside the log-factorial table."""
+    monkeypatch.setattr(loss, "_answered_only", lambda device: entries == "answered")
+    schema = load_schema("decals_rings")
+    votes = torch.tensor([[-1, 25, 3, 22, 9, 13, 15]] + [[30, 10, 0, 10, 0, 5, 5]] * 15, dtype=torch.int32)
+    values = dirichlet_multinomial_nll(torch.full((16, 7), 5.0), votes, schema.answer_to_question_matrix)
+    assert not torch.isfinite(values[0]).all() and torch.isfinite(values[1:]).all()
+
+
 def test_unasked_questions_give_exact_zero_loss_and_gradient():
     schema = load_schema("gz_decals_dr5")
     votes = edge_case_votes(schema, 10)

@@ -80,10 +80,11 @@ def _answered_only(device: torch.device) -> bool:
 def _log_factorials(k: torch.Tensor, n: torch.Tensor, table: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """log(k!) and log(n!) of vote counts `k` and their float totals `n`. Whole counts are looked up
     in a table up to the largest total when that is shorter than the counts: a few dozen lgamma
-    calls instead of one per count."""
-    if table and not k.is_floating_point() and len(n):
-        largest = int(n.max())
-        if largest < len(k) + len(n):  # (else one lgamma per count is cheaper)
+    calls instead of one per count. (A negative count, from corrupt data, goes to lgamma, whose
+    infinity the training step reports with the batch's galaxies.)"""
+    if table and not k.is_floating_point() and len(k):
+        smallest, largest = int(k.min()), int(n.max())
+        if smallest >= 0 and largest < len(k) + len(n):
             log_factorial = torch.lgamma(torch.arange(1, largest + 2, dtype=n.dtype))  # log(j!) at j
             return log_factorial.index_select(0, k), log_factorial.index_select(0, n.long())
     return torch.lgamma(k.to(n.dtype) + 1), torch.lgamma(n + 1)
