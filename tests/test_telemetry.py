@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 
 from zoobot_hpc import train
@@ -34,3 +37,42 @@ def test_loader_bound_advice_names_the_cures_that_apply():
     zoobot_grey_run = ThroughputMonitor(num_workers=10_000, file_locs=np.array(["a.jpg"]), grey_from_rgb=True)
     zoobot_grey_run.waits, zoobot_grey_run.steps, zoobot_grey_run.images = [1.0], [1.0], 10
     assert "train with grey='luma'" in zoobot_grey_run.advice(0.5)
+
+
+STARVED_RANK_1 = """
+import sys, time
+import pytorch_lightning as pl
+from zoobot_hpc import train
+from zoobot_hpc.catalog import read_catalog
+
+# after each step rank 1 waits, as for a slow loader (ThroughputMonitor has noted the step's end);
+# rank 0 meanwhile waits for it at the start of the next step, where the ranks agree on signals
+class StarveRank1(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_rank == 1:
+            time.sleep(0.25)
+
+original = pl.Trainer.__init__
+def init(self, *args, callbacks=(), **kwargs):
+    original(self, *args, callbacks=[*callbacks, StarveRank1()], **kwargs)
+pl.Trainer.__init__ = init
+train(sys.argv[1], "decals_rings", catalog=read_catalog(sys.argv[2]).iloc[:80], epochs=1, gpus=2,
+      accelerator="cpu", num_workers=0, resize_size=16, batch_size=4,
+      trainer_kwargs={"enable_progress_bar": False})
+"""
+
+
+def test_a_starved_rank_in_ddp_makes_rank_0_warn(tmp_path):
+    """Two CPU DDP ranks; only rank 1 waits for data. Rank 0, which warns, must see that wait too: the
+    ranks synchronise between steps (where they agree on signals), so rank 0 waits for rank 1 before
+    its next step starts (measured: 0.26 s waits on both ranks)."""
+    from zoobot_hpc.demo import demo_catalog
+
+    script = tmp_path / "starved.py"
+    script.write_text(STARVED_RANK_1)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), str(demo_catalog())],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training is loader-bound" in result.stderr, result.stderr[-3000:]
