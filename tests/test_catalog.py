@@ -131,24 +131,41 @@ def test_ids_and_paths_stay_text_whatever_spaces_surround_the_header(demo_copy, 
 
 AS_NOBODY = """
 import os, sys
-from zoobot_hpc.catalog import load_splits
+from zoobot_hpc.catalog import CatalogError, load_splits
 from zoobot_hpc.schema import load_schema
 schema = load_schema("decals_rings")
 os.setgroups([]), os.setgid(65534), os.setuid(65534)  # after the imports: the interpreter may be under /root
-print(len(load_splits(schema, catalog=sys.argv[1]).train))
+try:
+    print(len(load_splits(schema, catalog=sys.argv[1]).train))
+except CatalogError as err:
+    sys.exit(str(err))
 """
 
 
-def test_images_in_a_folder_that_can_be_entered_but_not_listed_exist():
-    """Mode 711 (shared project folders): listing the folder fails, but its files open."""
+def _load_splits_as_nobody(images_mode: int) -> subprocess.CompletedProcess:
+    """`load_splits` of a copy of the demo catalog as user 65534, its images folder in `images_mode`."""
     if os.geteuid() != 0:
         pytest.skip("checks as user 65534, which needs root to switch to (CI runs as root)")
     with tempfile.TemporaryDirectory() as tmp:  # not tmp_path: pytest's base folder is private to root
         Path(tmp).chmod(0o755)
         shutil.copytree(demo_catalog().parent, Path(tmp) / "demo")
-        (Path(tmp) / "demo" / "images").chmod(0o711)
-        result = subprocess.run(
-            [sys.executable, "-c", AS_NOBODY, f"{tmp}/demo/catalog.csv"],
+        (Path(tmp) / "demo" / "images").chmod(images_mode)
+        return subprocess.run(
+            [sys.executable, "-c", AS_NOBODY, f"{tmp}/demo/catalog.csv", tmp],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
+
+
+def test_images_in_a_folder_that_can_be_entered_but_not_listed_exist():
+    """Mode 711 (shared project folders): listing the folder fails, but its files open."""
+    result = _load_splits_as_nobody(0o711)
     assert result.returncode == 0 and result.stdout.split()[-1] == "259", result.stderr[-2000:]
+
+
+def test_images_in_a_folder_this_user_cannot_enter_are_reported_as_such():
+    """Mode 700 of another user: the files are there but look missing; the error says why."""
+    result = _load_splits_as_nobody(0o700)
+    tmp = result.args[-1]
+    assert result.returncode == 1, result.stdout
+    assert "image files that do not exist (370)" in result.stderr, result.stderr[-2000:]
+    assert f"(this user cannot enter {tmp}/demo/images: check its permissions)" in result.stderr

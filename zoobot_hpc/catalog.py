@@ -271,11 +271,17 @@ def _check_paths(locs: pd.Series, check_files: bool, problems: Problems) -> None
 
 
 def _not_a_file(path: str) -> str:
-    """Why an existing path is no image file (empty if it does not exist at all)."""
+    """Why a path is no image file: not a regular file, or behind a folder this user cannot enter
+    (empty if it simply does not exist)."""
     if os.path.isdir(path):
         return " (a folder, not an image file)"
     if os.path.exists(path):
         return " (exists but is not a regular file: a FIFO, socket or device)"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):  # the nearest folder above it that this user can see
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.X_OK):
+        return f" (this user cannot enter {folder}: check its permissions)"
     return ""
 
 
