@@ -7,8 +7,9 @@ For one question with vote counts k_i (total n) and predicted concentrations a_i
 
     d(-log p)/d a_i = digamma(a_i) - digamma(k_i + a_i) + digamma(n + A) - digamma(A)
 
-Each answer's terms are summed into its question's by index, so the cost does not grow with a Python
-loop over questions. Most of the cost is the special functions, so each is called once per step,
+Each answer's terms are summed into its question's (by index on the CPU, by a product with the
+one-hot answer-to-question matrix on accelerators), so the cost does not grow with a Python loop over
+questions. Most of the cost is the special functions, so each is called once per step,
 over one tensor holding all its arguments, and only where a term can be non-zero: an answer nobody
 gave (k_i = 0) has lgamma(a_i) - lgamma(a_i) = 0 (a question nobody was asked, n = 0, has no
 answers given and contributes exactly 0, with no gradient). The gradient is written out: autograd
