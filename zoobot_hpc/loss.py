@@ -47,12 +47,13 @@ class _DirichletMultinomialNLL(torch.autograd.Function):
         alpha = concentrations.detach().to(dtype)
         votes = votes.to(device)
         layout = _Layout(votes, groups.to(device=device, dtype=dtype), _answered_only(device))
-        k, alpha_k = layout.pick(votes), layout.pick(alpha)
-        n, alpha_total = layout.question_sums(k.to(dtype), picked=True), layout.question_sums(alpha)
+        counts, alpha_k = layout.pick(votes), layout.pick(alpha)
+        k = counts.to(dtype)
+        n, alpha_total = layout.question_sums(k, picked=True), layout.question_sums(alpha)
         arguments = torch.cat([k + alpha_k, alpha_k, alpha_total, n + alpha_total])
         ctx.sizes = [len(k)] * 2 + [len(n)] * 2
         k_alpha, alpha_k, total, n_total = torch.lgamma(arguments).split(ctx.sizes)
-        log_factorial_k, log_factorial_n = _log_factorials(k, n, layout.answered_only)
+        log_factorial_k, log_factorial_n = _log_factorials(counts, k, n, layout.answered_only)
         # -log p: each question's own terms, with its answers' terms summed into them
         nll = layout.add_to_questions(n_total - total - log_factorial_n, alpha_k + log_factorial_k - k_alpha)
         ctx.save_for_backward(arguments)
@@ -78,17 +79,20 @@ def _answered_only(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _log_factorials(k: torch.Tensor, n: torch.Tensor, table: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """log(k!) and log(n!) of vote counts `k` and their float totals `n`. Whole counts are looked up
-    in a table up to the largest total when that is shorter than the counts: a few dozen lgamma
-    calls instead of one per count. (A negative count, from corrupt data, goes to lgamma, whose
-    infinity the training step reports with the batch's galaxies.)"""
-    if table and not k.is_floating_point() and len(k):
-        smallest, largest = int(k.min()), int(n.max())
-        if smallest >= 0 and largest < len(k) + len(n):
+def _log_factorials(
+    counts: torch.Tensor, k: torch.Tensor, n: torch.Tensor, table: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(k!) and log(n!) of vote counts (as given, `counts`, and as floats, `k`) and their float
+    totals `n`. Whole counts are looked up in a table up to the largest total when that is shorter
+    than the counts: a few dozen lgamma calls instead of one per count. (A negative count, from
+    corrupt data, goes to lgamma, whose infinity the training step reports with the batch's
+    galaxies.)"""
+    if table and not counts.is_floating_point() and len(counts):
+        smallest, largest = int(counts.min()), int(n.max())
+        if smallest >= 0 and largest < len(counts) + len(n):
             log_factorial = torch.lgamma(torch.arange(1, largest + 2, dtype=n.dtype))  # log(j!) at j
-            return log_factorial.index_select(0, k), log_factorial.index_select(0, n.long())
-    return torch.lgamma(k.to(n.dtype) + 1), torch.lgamma(n + 1)
+            return log_factorial.index_select(0, counts), log_factorial.index_select(0, n.long())
+    return torch.lgamma(k + 1), torch.lgamma(n + 1)
 
 
 class _Layout:
@@ -99,11 +103,15 @@ class _Layout:
     def __init__(self, votes: torch.Tensor, groups: torch.Tensor, answered_only: bool) -> None:
         galaxies, questions = len(votes), groups.shape[1]
         self.answer_shape, self.question_shape = votes.shape, (galaxies, questions)
-        self.groups, self.answered_only = groups, answered_only
+        self.groups = groups
         rows = torch.arange(0, galaxies * questions, questions, device=votes.device)
         self.slot = (rows[:, None] + groups.argmax(dim=1)).flatten()  # each entry's (galaxy, question)
         self.index = votes.flatten().nonzero().squeeze(1) if answered_only else None  # votes >= 0
         self.picked_slot = self.slot if self.index is None else self.slot.index_select(0, self.index)
+
+    @property
+    def answered_only(self) -> bool:
+        return self.index is not None
 
     def pick(self, values: torch.Tensor) -> torch.Tensor:
         """The entries evaluated."""
