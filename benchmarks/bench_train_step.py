@@ -17,7 +17,6 @@ from model_inputs import save_peer_inputs, shared_batch
 from votes import simulate_votes
 
 from zoobot_hpc.galaxy_model import GalaxyZooModel
-from zoobot_hpc.loss import dirichlet_multinomial_nll
 from zoobot_hpc.schema import load_schema
 
 
@@ -52,7 +51,7 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(args.steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = dirichlet_multinomial_nll(model(images), votes, model.answer_to_question).sum(dim=1).mean()
+            loss = model.vote_loss(model(images), votes, "mean")
             loss.backward()
             optimizer.step()
         return (time.perf_counter() - start) / args.steps

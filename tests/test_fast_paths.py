@@ -154,6 +154,70 @@ def test_a_negative_count_gives_a_non_finite_loss_not_an_error(monkeypatch, entr
     assert not torch.isfinite(values[0]).all() and torch.isfinite(values[1:]).all()
 
 
+def test_log_factorial_table_grows_and_gives_way_to_lgamma(monkeypatch):
+    """Whole counts take log(k!) from a table, grown to the largest total seen, and from lgamma
+    beyond its limit; float counts always from lgamma. All three give the same numbers."""
+    monkeypatch.setattr(loss.DirichletMultinomialLoss, "TABLE_LIMIT", 8192)
+    schema = load_schema("gz_decals_dr5")
+    nll = loss.DirichletMultinomialLoss(schema.answer_to_question_matrix)
+    generator = torch.Generator().manual_seed(11)
+    concentrations = 1 + 100 * torch.rand(
+        32, len(schema.label_cols), generator=generator, dtype=torch.float64
+    )
+    for max_votes in (60, 600, 9_000):
+        votes = random_votes(schema, 32, generator, max_votes=max_votes)
+        largest = int((votes @ schema.answer_to_question_matrix.long()).max())
+        before = len(nll._log_factorial)
+        whole = nll(concentrations, votes)
+        if largest < 8192:
+            assert len(nll._log_factorial) == (before if largest < before else 2 * largest)
+        else:  # beyond the limit: lgamma, and the table is left as it was
+            assert len(nll._log_factorial) == before
+        torch.testing.assert_close(whole, nll(concentrations, votes.double()), rtol=1e-12, atol=1e-12)
+    assert len(nll._log_factorial) > 1024  # the 600-vote batch grew it
+
+
+@pytest.mark.parametrize("entries", ["answered", "all"])
+def test_mean_reduction_is_the_per_question_loss_summed_and_averaged(monkeypatch, entries):
+    """The training step's scalar (reduced inside the loss) and its gradient equal the per-question
+    values summed over questions and averaged over galaxies, as validation computes them."""
+    monkeypatch.setattr(loss, "_answered_only", lambda device: entries == "answered")
+    schema = load_schema("gz_decals_dr5")
+    generator = torch.Generator().manual_seed(17)
+    votes = random_votes(schema, 48, generator, max_votes=40).int()
+    concentrations = 1 + 100 * torch.sigmoid(3 * torch.randn(48, len(schema.label_cols), generator=generator))
+    nll = loss.DirichletMultinomialLoss(schema.answer_to_question_matrix)
+    per_question, mean = (
+        concentrations.clone().requires_grad_(True),
+        concentrations.clone().requires_grad_(True),
+    )
+    expected = nll(per_question, votes).sum(dim=1).mean()
+    expected.backward()
+    reduced = nll(mean, votes, reduction="mean")
+    reduced.backward()
+    assert reduced.shape == () and reduced.dtype == torch.float32
+    torch.testing.assert_close(reduced, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.grad, per_question.grad, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        nll(concentrations, votes, reduction="sum")
+
+
+def test_one_loss_serves_batches_of_every_size():
+    """What the loss keeps per batch size (which question each entry is in) is not mixed up."""
+    schema = load_schema("gz2")
+    generator = torch.Generator().manual_seed(13)
+    votes = random_votes(schema, 40, generator, max_votes=30)
+    concentrations = 1 + 100 * torch.rand(40, len(schema.label_cols), generator=generator)
+    reused = loss.DirichletMultinomialLoss(schema.answer_to_question_matrix)
+    for rows in (slice(0, 40), slice(0, 7), slice(10, 40), slice(3, 10)):
+        torch.testing.assert_close(
+            reused(concentrations[rows], votes[rows]),
+            dirichlet_multinomial_nll(concentrations[rows], votes[rows], schema.answer_to_question_matrix),
+            rtol=0,
+            atol=0,
+        )
+
+
 def test_unasked_questions_give_exact_zero_loss_and_gradient():
     schema = load_schema("gz_decals_dr5")
     votes = edge_case_votes(schema, 10)

@@ -85,7 +85,7 @@ def test_model_memorises_the_votes_of_32_real_galaxies(tmp_path, shared_catalog,
     images = torch.stack([load_image(path, color=True) for path in galaxies["file_loc"]])
     with torch.no_grad():
         concentrations = model(model.augment(images, train=False))  # the deterministic eval transform
-    predicted = expected_vote_fractions(concentrations, model.answer_to_question)
+    predicted = expected_vote_fractions(concentrations, model.schema.answer_to_question_matrix)
     predicted_featured = predicted[:, model.schema.label_cols.index(FEATURED)].numpy()
     volunteers = (galaxies[FEATURED] / galaxies[ROOT_ANSWERS].sum(axis=1)).to_numpy()
 

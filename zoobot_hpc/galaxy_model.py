@@ -18,7 +18,7 @@ from zoobot_hpc.augment import GalaxyAugment
 from zoobot_hpc.bad_images import check_policy
 from zoobot_hpc.checkpoint import UNRECORDED_GREY
 from zoobot_hpc.errors import InputError, RunError
-from zoobot_hpc.loss import dirichlet_multinomial_nll
+from zoobot_hpc.loss import DirichletMultinomialLoss
 from zoobot_hpc.models import DirichletHead, build_encoder
 from zoobot_hpc.schema import Schema
 
@@ -55,7 +55,7 @@ class GalaxyZooModel(pl.LightningModule):
         self.encoder, n_features = build_encoder(model_architecture, channels)
         self.head = DirichletHead(n_features, len(self.schema.label_cols), dropout_rate)
         self.augment = GalaxyAugment(resize_size, crop_scale_bounds, crop_ratio_bounds)
-        self.register_buffer("answer_to_question", self.schema.answer_to_question_matrix, persistent=False)
+        self.vote_loss = DirichletMultinomialLoss(self.schema.answer_to_question_matrix)
         if channels_last:
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
 
@@ -82,12 +82,12 @@ class GalaxyZooModel(pl.LightningModule):
         return batch
 
     # ------------------------------------------------------------------ steps
-    def _losses(self, batch: dict[str, Any]) -> torch.Tensor:
-        concentrations = self(batch["image"])
-        return dirichlet_multinomial_nll(concentrations, batch["votes"], self.answer_to_question)
+    def _losses(self, batch: dict[str, Any], reduction: str = "none") -> torch.Tensor:
+        """Loss per galaxy and question, or (`"mean"`) the batch's: summed over questions, averaged."""
+        return self.vote_loss(self(batch["image"]), batch["votes"], reduction)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._losses(batch).sum(dim=1).mean()
+        loss = self._losses(batch, "mean")
         # every rank must take the same decision, or DDP waits forever on the rank that stopped
         nonfinite = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
         if nonfinite:

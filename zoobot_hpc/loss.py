@@ -26,49 +26,125 @@ import torch
 def dirichlet_multinomial_nll(
     concentrations: torch.Tensor, votes: torch.Tensor, answer_to_question: torch.Tensor
 ) -> torch.Tensor:
-    """Negative log-likelihood per galaxy and question, shape (galaxies, questions), float32 (float64
-    for float64 concentrations).
+    """`DirichletMultinomialLoss(answer_to_question)(concentrations, votes)`, for a single call."""
+    return DirichletMultinomialLoss(answer_to_question)(concentrations, votes)
 
-    `concentrations` and `votes` are (galaxies, answers); `answer_to_question` is the schema's
-    (answers, questions) one-hot matrix. The lgamma differences cancel badly in float32 once
-    hundreds of votes meet concentrations near 100, so the (tiny) computation runs in float64
-    where the device has it.
+
+class DirichletMultinomialLoss:
+    """Negative log-likelihood of the votes for one schema, per galaxy and question.
+
+    Built once (the training module holds one): what depends only on the schema and the batch size,
+    which question each entry belongs to and a table of log-factorials, is worked out on the first
+    batch of each size and device, not on every step.
     """
-    return _DirichletMultinomialNLL.apply(concentrations, votes, answer_to_question)
+
+    # log(j!) up to this many votes per question comes from a table (512 KiB); more, from lgamma
+    TABLE_LIMIT = 1 << 16
+
+    def __init__(self, answer_to_question: torch.Tensor) -> None:
+        self.answer_to_question = answer_to_question.detach().cpu()
+        self._question_of_answer = self.answer_to_question.argmax(dim=1)
+        self._slots: dict[tuple[int, torch.device], torch.Tensor] = {}  # by batch size and device
+        self._groups: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._log_factorial = self._log_factorials_up_to(1024)
+
+    def __call__(
+        self, concentrations: torch.Tensor, votes: torch.Tensor, reduction: str = "none"
+    ) -> torch.Tensor:
+        """Shape (galaxies, questions) for `reduction="none"`; for `"mean"`, the training loss: the
+        sum over questions averaged over galaxies, a scalar (autograd then has no per-question tensor
+        to pass back through). float32 (float64 for float64 concentrations).
+
+        `concentrations` and `votes` are (galaxies, answers). The lgamma differences cancel badly in
+        float32 once hundreds of votes meet concentrations near 100, so the (tiny) computation runs
+        in float64 where the device has it.
+        """
+        if reduction not in ("none", "mean"):
+            raise ValueError(f"reduction={reduction!r}: use 'none' (per galaxy and question) or 'mean'")
+        return _DirichletMultinomialNLL.apply(concentrations, votes, self, reduction == "mean")
+
+    def layout(self, votes: torch.Tensor, dtype: torch.dtype) -> _Layout:
+        galaxies, device = len(votes), votes.device
+        slot = self._slots.get((galaxies, device))
+        if slot is None:
+            questions = self.answer_to_question.shape[1]
+            rows = torch.arange(0, galaxies * questions, questions)
+            slot = (rows[:, None] + self._question_of_answer).flatten().to(device)
+            self._slots[galaxies, device] = slot
+        groups = self._groups.get((device, dtype))
+        if groups is None:
+            groups = self._groups[device, dtype] = self.answer_to_question.to(device=device, dtype=dtype)
+        return _Layout(votes, slot, groups, _answered_only(device))
+
+    def log_factorials(
+        self, counts: torch.Tensor, k: torch.Tensor, n: torch.Tensor, whole: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log(k!) and log(n!) of vote counts (as given, `counts`, and as floats, `k`) and their
+        float totals `n`. Whole counts (`whole`) are looked up in the table, grown when a total is
+        beyond it; others go to lgamma (a negative count, from corrupt data, gives the infinity the
+        training step reports with the batch's galaxies)."""
+        if whole:
+            totals = n.long()
+            table = self._log_factorial
+            try:  # no check before the lookup: reading the smallest and largest count costs more
+                return table.index_select(0, counts), table.index_select(0, totals)
+            except IndexError:  # a count is negative or a total beyond the table
+                largest = int(totals.max())  # the counts are not empty: a total is over 0
+                if int(counts.min()) >= 0 and largest < self.TABLE_LIMIT:
+                    self._log_factorial = self._log_factorials_up_to(min(self.TABLE_LIMIT, 2 * largest))
+                    return self.log_factorials(counts, k, n, whole)
+        return torch.lgamma(k + 1), torch.lgamma(n + 1)
+
+    @staticmethod
+    def _log_factorials_up_to(size: int) -> torch.Tensor:
+        """log(j!) at j, for j < size."""
+        return torch.lgamma(torch.arange(1, size + 1, dtype=torch.float64))
 
 
 class _DirichletMultinomialNLL(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, concentrations: torch.Tensor, votes: torch.Tensor, groups: torch.Tensor
+        ctx: Any,
+        concentrations: torch.Tensor,
+        votes: torch.Tensor,
+        loss: DirichletMultinomialLoss,
+        mean: bool,
     ) -> torch.Tensor:
         device = concentrations.device
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        alpha = concentrations.detach().to(dtype)
         votes = votes.to(device)
-        layout = _Layout(votes, groups.to(device=device, dtype=dtype), _answered_only(device))
-        counts, alpha_k = layout.pick(votes), layout.pick(alpha)
+        layout = loss.layout(votes, dtype)
+        alpha = concentrations.detach().to(dtype).flatten()
+        counts, alpha_k = layout.pick(votes.flatten()), layout.pick(alpha)
         k = counts.to(dtype)
         n, alpha_total = layout.question_sums(k, picked=True), layout.question_sums(alpha)
         arguments = torch.cat([k + alpha_k, alpha_k, alpha_total, n + alpha_total])
         ctx.sizes = [len(k)] * 2 + [len(n)] * 2
         k_alpha, alpha_k, total, n_total = torch.lgamma(arguments).split(ctx.sizes)
-        log_factorial_k, log_factorial_n = _log_factorials(counts, k, n, layout.answered_only)
+        whole = layout.answered_only and not votes.is_floating_point()
+        log_factorial_k, log_factorial_n = loss.log_factorials(counts, k, n, whole)
         # -log p: each question's own terms, with its answers' terms summed into them
         nll = layout.add_to_questions(n_total - total - log_factorial_n, alpha_k + log_factorial_k - k_alpha)
         ctx.save_for_backward(arguments)
-        ctx.layout, ctx.dtype = layout, concentrations.dtype
+        ctx.layout, ctx.dtype, ctx.mean = layout, concentrations.dtype, mean
         out_dtype = torch.float64 if concentrations.dtype == torch.float64 else torch.float32
+        if mean:
+            return (nll.sum() / len(votes)).to(out_dtype)
         return nll.view(layout.question_shape).to(out_dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (arguments,) = ctx.saved_tensors
         layout = ctx.layout
         k_alpha, alpha_k, total, n_total = torch.digamma(arguments).split(ctx.sizes)
-        d_nll = layout.add_to_answers(layout.per_answer(n_total - total), alpha_k - k_alpha)
-        upstream = layout.per_answer(grad_output.reshape(-1).to(arguments.dtype))
-        return (upstream * d_nll).view(layout.answer_shape).to(ctx.dtype), None, None
+        if ctx.mean:  # the same for every question: a scalar
+            upstream = picked_upstream = grad_output.to(arguments.dtype) / layout.answer_shape[0]
+        else:  # per question
+            upstream = grad_output.reshape(-1).to(arguments.dtype)
+            picked_upstream = layout.per_picked(upstream)
+        d_answers = layout.per_answer(upstream * (n_total - total))
+        d_answers = layout.add_to_answers(d_answers, picked_upstream * (alpha_k - k_alpha))
+        return d_answers.view(layout.answer_shape).to(ctx.dtype), None, None, None
 
 
 def _answered_only(device: torch.device) -> bool:
@@ -79,56 +155,49 @@ def _answered_only(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _log_factorials(
-    counts: torch.Tensor, k: torch.Tensor, n: torch.Tensor, table: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log(k!) and log(n!) of vote counts (as given, `counts`, and as floats, `k`) and their float
-    totals `n`. Whole counts are looked up in a table up to the largest total when that is shorter
-    than the counts: a few dozen lgamma calls instead of one per count. (A negative count, from
-    corrupt data, goes to lgamma, whose infinity the training step reports with the batch's
-    galaxies.)"""
-    if table and not counts.is_floating_point() and len(counts):
-        smallest, largest = int(counts.min()), int(n.max())
-        if smallest >= 0 and largest < len(counts) + len(n):
-            log_factorial = torch.lgamma(torch.arange(1, largest + 2, dtype=n.dtype))  # log(j!) at j
-            return log_factorial.index_select(0, counts), log_factorial.index_select(0, n.long())
-    return torch.lgamma(k + 1), torch.lgamma(n + 1)
-
-
 class _Layout:
-    """Which question each (galaxy, answer) entry belongs to, and which entries are evaluated: the
-    answered ones (`answered_only`), summed into their questions by `index_add`, or all of them,
-    summed by a product with the answer-to-question matrix. Every tensor here is flattened."""
+    """Which question each (galaxy, answer) entry belongs to (`slot`, flat (galaxy, question)
+    index), and which entries are evaluated: the answered ones (`answered_only`), summed into their
+    questions by `index_add`, or all of them, summed by a product with the answer-to-question
+    matrix `groups`. Every tensor here is flattened."""
 
-    def __init__(self, votes: torch.Tensor, groups: torch.Tensor, answered_only: bool) -> None:
-        galaxies, questions = len(votes), groups.shape[1]
-        self.answer_shape, self.question_shape = votes.shape, (galaxies, questions)
-        self.groups = groups
-        rows = torch.arange(0, galaxies * questions, questions, device=votes.device)
-        self.slot = (rows[:, None] + groups.argmax(dim=1)).flatten()  # each entry's (galaxy, question)
+    def __init__(
+        self, votes: torch.Tensor, slot: torch.Tensor, groups: torch.Tensor, answered_only: bool
+    ) -> None:
+        self.answer_shape, self.question_shape = votes.shape, (len(votes), groups.shape[1])
+        self.slot, self.groups = slot, groups
         self.index = votes.flatten().nonzero().squeeze(1) if answered_only else None  # votes >= 0
-        self.picked_slot = self.slot if self.index is None else self.slot.index_select(0, self.index)
+        self.picked_slot = slot if self.index is None else slot.index_select(0, self.index)
+        self.picked = len(self.picked_slot)
 
     @property
     def answered_only(self) -> bool:
         return self.index is not None
 
     def pick(self, values: torch.Tensor) -> torch.Tensor:
-        """The entries evaluated."""
-        return values.flatten() if self.index is None else values.flatten().index_select(0, self.index)
+        """The entries evaluated, of a flat tensor of entries."""
+        return values if self.index is None else values.index_select(0, self.index)
 
     def question_sums(self, values: torch.Tensor, picked: bool = False) -> torch.Tensor:
-        """Per (galaxy, question) sums of a (galaxies, answers) tensor, or of picked entries."""
-        zeros = values.new_zeros(self.question_shape[0] * self.question_shape[1])
-        return self.add_to_questions(zeros, values) if picked else self._add(zeros, self.slot, values)
+        """Per (galaxy, question) sums of a flat tensor of entries, or of picked entries."""
+        if self.index is None:
+            return (values.view(self.answer_shape) @ self.groups).flatten()
+        sums = values.new_zeros(self.question_shape[0] * self.question_shape[1])
+        return sums.index_add_(0, self.picked_slot if picked else self.slot, values)
 
     def add_to_questions(self, question_values: torch.Tensor, picked_values: torch.Tensor) -> torch.Tensor:
         """`question_values` (a temporary, changed in place) plus each question's sum of `picked_values`."""
-        return self._add(question_values, self.picked_slot, picked_values)
+        if self.index is None:
+            return question_values.add_((picked_values.view(self.answer_shape) @ self.groups).flatten())
+        return question_values.index_add_(0, self.picked_slot, picked_values)
 
     def per_answer(self, question_values: torch.Tensor) -> torch.Tensor:
         """Each entry's question's value."""
         return question_values.index_select(0, self.slot)
+
+    def per_picked(self, question_values: torch.Tensor) -> torch.Tensor:
+        """Each picked entry's question's value."""
+        return question_values.index_select(0, self.picked_slot)
 
     def add_to_answers(self, values: torch.Tensor, picked_values: torch.Tensor) -> torch.Tensor:
         """`values` of every entry (a temporary, changed in place) plus `picked_values`."""
@@ -137,11 +206,6 @@ class _Layout:
             if self.index is None
             else values.index_add_(0, self.index, picked_values)
         )
-
-    def _add(self, into: torch.Tensor, slot: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        if self.index is None:
-            return into.add_((values.view(self.answer_shape) @ self.groups).flatten())
-        return into.index_add_(0, slot, values.flatten())
 
 
 def expected_vote_fractions(concentrations: torch.Tensor, answer_to_question: torch.Tensor) -> torch.Tensor:
