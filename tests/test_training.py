@@ -76,6 +76,21 @@ def test_resolved_config_reruns_and_logs_exist(tiny_run):
     assert metrics.dropna(subset=["val_loss"])["epoch"].tolist() == [0, 1]
 
 
+def test_metrics_of_an_attempt_killed_while_writing_them_are_left_out(tmp_path):
+    """SIGKILL can land while Lightning writes metrics.csv: an empty file, or a last line cut short."""
+    attempts = {
+        0: "",  # killed between creating the file and writing its header
+        1: "epoch,step,val_loss\r\n0,5,1.25\r\n",
+        2: "epoch,step,val_loss\r\n1,10,0.875\r\n2,15,0.7",  # cut short: 0.7 may have been 0.71875
+    }
+    for version, text in attempts.items():
+        folder = tmp_path / "csv" / f"version_{version}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.csv").write_text(text)
+    metrics = read_metrics(tmp_path)
+    assert metrics[["epoch", "val_loss"]].values.tolist() == [[0, 1.25], [1, 0.875]]
+
+
 def test_numpy_settings_train_and_are_recorded_as_plain_yaml(tmp_path, demo_frame):
     settings = {**TINY, "batch_size": np.int64(16), "crop_scale_bounds": np.array([0.7, 0.8])}
     model, _ = train(tmp_path, "decals_rings", catalog=demo_frame.iloc[:60], epochs=np.int64(1), **settings)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -380,12 +381,22 @@ def read_metrics(save_dir: str | Path) -> pd.DataFrame:
     """
     frames: list[pd.DataFrame] = []
     for path in sorted((Path(save_dir) / "csv").glob("version_*/metrics.csv"), key=_version_number):
-        frame = pd.read_csv(path)
+        frame = _read_attempt(path)
+        if frame is None:
+            continue
         if frames and len(frame) and "epoch" in frame:
             first_epoch = frame["epoch"].min()
             frames = [f[f["epoch"] < first_epoch] for f in frames]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _read_attempt(path: Path) -> pd.DataFrame | None:
+    """One attempt's metrics. An attempt killed while Lightning wrote them can leave the file empty
+    or its last line cut short: the cut line is left out, and an empty file is no attempt."""
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return pd.read_csv(io.StringIO(complete)) if complete.strip() else None
 
 
 def _version_number(path: Path) -> int:
