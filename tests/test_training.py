@@ -101,12 +101,13 @@ def test_numpy_settings_train_and_are_recorded_as_plain_yaml(tmp_path, demo_fram
     assert type(model.hparams.crop_scale_bounds[0]) is float
 
 
-def add_trainer_callback(monkeypatch, callback: pl.Callback) -> None:
-    """One more callback in the Trainer that train() builds (train() owns its callback list)."""
+def add_trainer_callback(monkeypatch, callback: pl.Callback, first: bool = False) -> None:
+    """One more callback in the Trainer that train() builds (train() owns its callback list), after
+    train()'s own or (`first`) before them."""
     original = pl.Trainer.__init__
 
     def init(self, *args, callbacks=(), **kwargs):
-        original(self, *args, callbacks=[*callbacks, callback], **kwargs)
+        original(self, *args, callbacks=[callback, *callbacks] if first else [*callbacks, callback], **kwargs)
 
     monkeypatch.setattr(pl.Trainer, "__init__", init)
 
@@ -167,6 +168,34 @@ def test_sigterm_in_the_last_validation_stops_before_the_test(tmp_path, demo_fra
     train(tmp_path, **settings)
     results = yaml.safe_load((tmp_path / "results.yaml").read_text())
     assert results["test"] and results["epochs_completed"] == 2
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 6  # nothing trained again
+
+
+class _NoImprovementThenSigterm(pl.Callback):
+    """A validation loss that never improves (early stopping with patience 1 stops after epoch 1),
+    and SIGTERM in epoch 1's validation. Runs before train()'s callbacks, so early stopping sees the
+    constant."""
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        trainer.callback_metrics["val_loss"] = torch.tensor(1.0)
+
+
+def test_a_run_stopped_early_and_interrupted_there_does_not_train_again(tmp_path, demo_frame, monkeypatch):
+    """Early stopping decides in the validation that SIGTERM interrupts: the rerun must go straight
+    to the test, not train another epoch (Lightning checkpoints the counter, not the decision)."""
+    add_trainer_callback(monkeypatch, _NoImprovementThenSigterm(), first=True)
+    settings = {"schema": "decals_rings", "catalog": demo_frame.iloc[:90], **TINY, "epochs": 5, "patience": 1}
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at the end of training, step 6; saved"):
+        train(tmp_path, **settings)
+    monkeypatch.undo()
+    train(tmp_path, **settings)
+    results = yaml.safe_load((tmp_path / "results.yaml").read_text())
+    assert results["stopped_early"] and results["epochs_completed"] == 2 and results["test"]
     final = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == 6  # nothing trained again
 

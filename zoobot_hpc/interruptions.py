@@ -22,6 +22,10 @@ which has no Slurm client); rank 0 then only writes that file. Without it (a han
 script) rank 0 runs `scontrol` itself. No rank exits before the request is made: `srun
 --kill-on-bad-exit` ends the whole step as soon as one rank exits.
 
+`EarlyStoppingThatResumes` remembers a decision to stop: Lightning checkpoints the early-stopping
+state but not the trainer's decision, so a run interrupted in the validation that stopped it would
+otherwise train one more epoch when it resumes.
+
 `seed_batch` reseeds the random generators from (seed, batch, rank) before every training batch
 (`GalaxyDataModule.on_before_batch_transfer`), so a resumed run draws the same augmentations and
 dropout masks at each batch as one that never stopped (Lightning checkpoints do not carry RNG
@@ -45,6 +49,8 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from zoobot_hpc.atomic import write_text
@@ -112,6 +118,16 @@ class StopOnSignal(pl.Callback):
         raise Interrupted(
             f"stopped by SIGTERM at {where}; rerun the same command (or requeue the job) to resume from it"
         )
+
+
+class EarlyStoppingThatResumes(EarlyStopping):
+    """Early stopping whose decision survives a restart: a resumed run that had already been stopped
+    goes straight to the test."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.stopping_reason is not EarlyStoppingReason.NOT_STOPPED:  # restored from the checkpoint
+            trainer.should_stop = True
 
 
 @contextlib.contextmanager

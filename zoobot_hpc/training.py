@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import pytorch_lightning as pl
 from lightning_fabric.utilities.rank_zero import rank_zero_only
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from zoobot_hpc import __version__
@@ -40,7 +40,7 @@ from zoobot_hpc.data import (
 from zoobot_hpc.errors import InputError, check_whole
 from zoobot_hpc.galaxy_model import GalaxyZooModel
 from zoobot_hpc.hardware import HardwareSpec
-from zoobot_hpc.interruptions import StopOnSignal, sigterm_is_an_interruption
+from zoobot_hpc.interruptions import EarlyStoppingThatResumes, StopOnSignal, sigterm_is_an_interruption
 from zoobot_hpc.models import ENCODERS, ModelError
 from zoobot_hpc.report import report_after_training
 from zoobot_hpc.schema import Schema, load_schema
@@ -219,7 +219,7 @@ def train(
         max_epochs=epochs,
         callbacks=[
             checkpointing,
-            EarlyStopping(monitor="val_loss", mode="min", patience=patience),
+            EarlyStoppingThatResumes(monitor="val_loss", mode="min", patience=patience),
             bad_images,
             StopOnSignal(save_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, hardware.requeue_signal()),
             ThroughputMonitor(
