@@ -168,7 +168,6 @@ class _Layout:
         self.slot, self.groups = slot, groups
         self.index = votes.flatten().nonzero().squeeze(1) if answered_only else None  # votes >= 0
         self.picked_slot = slot if self.index is None else slot.index_select(0, self.index)
-        self.picked = len(self.picked_slot)
 
     @property
     def answered_only(self) -> bool:
@@ -180,16 +179,12 @@ class _Layout:
 
     def question_sums(self, values: torch.Tensor, picked: bool = False) -> torch.Tensor:
         """Per (galaxy, question) sums of a flat tensor of entries, or of picked entries."""
-        if self.index is None:
-            return (values.view(self.answer_shape) @ self.groups).flatten()
-        sums = values.new_zeros(self.question_shape[0] * self.question_shape[1])
-        return sums.index_add_(0, self.picked_slot if picked else self.slot, values)
+        zeros = values.new_zeros(self.question_shape[0] * self.question_shape[1])
+        return self._add(zeros, self.picked_slot if picked else self.slot, values)
 
     def add_to_questions(self, question_values: torch.Tensor, picked_values: torch.Tensor) -> torch.Tensor:
         """`question_values` (a temporary, changed in place) plus each question's sum of `picked_values`."""
-        if self.index is None:
-            return question_values.add_((picked_values.view(self.answer_shape) @ self.groups).flatten())
-        return question_values.index_add_(0, self.picked_slot, picked_values)
+        return self._add(question_values, self.picked_slot, picked_values)
 
     def per_answer(self, question_values: torch.Tensor) -> torch.Tensor:
         """Each entry's question's value."""
@@ -206,6 +201,13 @@ class _Layout:
             if self.index is None
             else values.index_add_(0, self.index, picked_values)
         )
+
+    def _add(self, into: torch.Tensor, slot: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`into` plus each question's sum of `values`: by `slot` on the CPU, by matrix product on
+        accelerators (where every entry is evaluated)."""
+        if self.index is None:
+            return into.add_((values.view(self.answer_shape) @ self.groups).flatten())
+        return into.index_add_(0, slot, values)
 
 
 def expected_vote_fractions(concentrations: torch.Tensor, answer_to_question: torch.Tensor) -> torch.Tensor:
