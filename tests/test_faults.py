@@ -106,12 +106,14 @@ def test_validate_check_images_lists_every_unreadable_file(tmp_path, demo_copy, 
 def test_hanging_image_read_stops_the_run_with_a_clear_message(tmp_path, demo_copy):
     """A read that never returns, as from a stalled network filesystem: mid-run, one training image
     is replaced by a FIFO, whose open() blocks forever in the DataLoader worker. The run must end
-    after `loader_timeout`, saying what to check, and leave no worker behind."""
+    after `loader_timeout`, saying what to check, and leave no worker behind; before that, the hang
+    report shows where the main process waits."""
     frame = read_catalog(demo_copy).iloc[:300]
     save_dir = tmp_path / "run"
     config = _config(tmp_path, frame, save_dir, epochs=50, rows=300)
     command = [sys.executable, "-m", "zoobot_hpc", "train", "--config", str(config),
-               "--set", "num_workers=1", "--set", "loader_timeout=5"]  # fmt: skip
+               "--set", "num_workers=1", "--set", "loader_timeout=5",
+               "--set", "hang_report_after=2"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -129,6 +131,10 @@ def test_hanging_image_read_stops_the_run_with_a_clear_message(tmp_path, demo_co
     assert process.returncode == 1, stderr[-3000:]
     assert "no batch arrived from the DataLoader workers for 5 s" in stderr, stderr[-3000:]
     assert "validate --check-images" in stderr and "Traceback" not in stderr
+    # the hang report, every 2 s while no batch finishes: the main thread waits for the workers' batch
+    before_the_stop = stderr[: stderr.index("no batch arrived")]
+    report = before_the_stop[before_the_stop.rindex("Timeout (0:00:02)!") :]
+    assert "_try_get_data" in report, before_the_stop[-3000:]
 
 
 RAISE_WHILE_LOADING = """

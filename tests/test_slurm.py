@@ -113,7 +113,13 @@ def wait_job(job_id: str, timeout: float, log: Path | None = None) -> str:
 def tail(log: Path | None, lines: int = 60) -> str:
     if log is None or not log.exists():
         return f"(no log at {log})"
-    return "--- log tail\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    return f"--- {log.name} tail\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def submitit_logs(job) -> list[Path]:
+    """Both ranks' stdout and stderr of a two-rank submitit job (rank 0's stdout is job.paths.stdout)."""
+    folder = Path(job.paths.folder)
+    return [folder / f"{job.job_id}_{rank}_log.{kind}" for rank in (0, 1) for kind in ("out", "err")]
 
 
 def assert_completed(job_id: str, log: Path, timeout: float) -> str:
@@ -259,23 +265,30 @@ def requeue_config(path: Path, save_dir: Path, catalog: Path, slurm_extra: str =
     path.write_text(
         f"save_dir: {save_dir}\nschema: gz_decals_dr5\ncatalog: {catalog}\ngpus: 2\naccelerator: cpu\n"
         f"num_workers: 1\nresize_size: 32\nbatch_size: 2\nepochs: {REQUEUE_EPOCHS}\npatience: 100\n"
-        "prefetch_factor: 2\n"
+        "prefetch_factor: 2\nhang_report_after: 30\n"  # a hung rank shows its stacks in its log
         "trainer_kwargs: {limit_train_batches: 6, limit_val_batches: 1, limit_test_batches: 1}\n"
         f"slurm:\n  time: '20:00'\n  mem: 3G\n{slurm_extra}"
     )
     return path
 
 
-def interrupt_after_first_checkpoint(job_id: str, save_dir: Path, interrupt: str, log: Path | None) -> int:
-    """Interrupt the job once its first last.ckpt exists; wait until it left the node; the saved step."""
-    import torch
-
+def wait_for_first_checkpoint(job_id: str, save_dir: Path, logs: list[Path]) -> Path:
+    """last.ckpt once epoch 0 is saved; the job's logs (hang reports included) if it never comes."""
     last = save_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 180
     while not last.exists():
-        assert time.monotonic() < deadline, f"no last.ckpt after 180 s\n{tail(log)}"
-        assert job_state(job_id) not in TERMINAL, tail(log)
+        logs_text = "\n".join(tail(log, 150) for log in logs)
+        assert time.monotonic() < deadline, f"no last.ckpt after 180 s\n{logs_text}"
+        assert job_state(job_id) not in TERMINAL, logs_text
         time.sleep(0.2)
+    return last
+
+
+def interrupt_after_first_checkpoint(job_id: str, save_dir: Path, interrupt: str, logs: list[Path]) -> int:
+    """Interrupt the job once its first last.ckpt exists; wait until it left the node; the saved step."""
+    import torch
+
+    last = wait_for_first_checkpoint(job_id, save_dir, logs)
     if interrupt == "scontrol-requeue":
         subprocess.run(["scontrol", "requeue", job_id], check=True)
     else:  # what --signal=USR1@N delivers to the job steps before the time limit
@@ -299,7 +312,7 @@ def assert_every_step_done_once(save_dir: Path) -> None:
 def interrupt_and_check_resume(job_id: str, log: Path, save_dir: Path, interrupt: str) -> str:
     """Interrupt a job of the rendered train script after its first checkpoint; check that it is
     requeued and that the rerun continues from the saved step and does every step once. The log."""
-    saved_step = interrupt_after_first_checkpoint(job_id, save_dir, interrupt, log)
+    saved_step = interrupt_after_first_checkpoint(job_id, save_dir, interrupt, [log])
     text = assert_completed(job_id, log, timeout=300)
     assert "(restart 1)" in text, tail(log)
     first_run, second_run = text.split("(restart 1)", 1)
@@ -340,10 +353,62 @@ def test_submitit_job_requeues_at_the_signal_and_returns_its_result(cluster, dr5
     job = launch.train(requeue_config(tmp_path / "requeue.yaml", save_dir, dr5_catalog), executor="slurm")
     submission = Path(job.paths.submission_file).read_text()
     assert submission.index("srun") < submission.index('scontrol requeue "$SLURM_JOB_ID"')  # after the ranks
-    interrupt_after_first_checkpoint(job.job_id, save_dir, "usr1-signal", Path(job.paths.stdout))
+    interrupt_after_first_checkpoint(job.job_id, save_dir, "usr1-signal", submitit_logs(job))
     result = launch.result(job)  # waits through the requeue
     assert result["restart_count"] == 1 and result["world_size"] == 2
     assert_every_step_done_once(save_dir)
+
+
+def rank_pid(job_id: str, rank: int, timeout: float = 120) -> int:
+    """The process of one rank of a one-node job's first step (srun's), as soon as it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+        node = re.search(r"BatchHost=(\S+)", info.stdout)  # its slurmd (both test nodes run here)
+        if node is None:
+            time.sleep(0.1)
+            continue
+        listing = subprocess.run(
+            ["scontrol", "listpids", job_id, node.group(1)], capture_output=True, text=True
+        ).stdout
+        # PID JOBID STEPID LOCALID GLOBALID; a rank's own children (loader workers) have GLOBALID "-"
+        for line in listing.splitlines()[1:]:
+            pid, _, step, _, global_rank = line.split()
+            if step == "0" and global_rank == str(rank):
+                return int(pid)
+        assert job_state(job_id) not in TERMINAL, f"job {job_id} ended before rank {rank} started"
+        time.sleep(0.1)
+    raise AssertionError(f"rank {rank} of job {job_id} did not start in {timeout:.0f} s")
+
+
+@pytest.mark.parametrize("launcher", ["job-script", "submitit"])
+def test_a_rank_that_dies_ends_the_job_at_once(cluster, dr5_catalog, tmp_path, launcher):
+    """Rank 1 killed as it starts, as the out-of-memory killer would (SIGKILL: no traceback, no exit
+    handler), before it reaches the DDP rendezvous: rank 0 would wait there for the process group's
+    30-minute timeout. srun --kill-on-bad-exit ends the step instead, and the job ends FAILED in
+    seconds. (Mid-training, gloo notices the closed connection itself; NCCL need not.)"""
+    from zoobot_hpc import launch
+    from zoobot_hpc.config import hardware_spec, load_config
+    from zoobot_hpc.slurm import render_train_script
+
+    config = requeue_config(tmp_path / "dies.yaml", tmp_path / "run", dr5_catalog)
+    if launcher == "submitit":
+        job = launch.train(config, executor="slurm")
+        job_id, log = job.job_id, Path(job.paths.stdout)
+        assert "srun --unbuffered" in (submission := Path(job.paths.submission_file).read_text())
+        assert "--kill-on-bad-exit=1" in submission.split("srun --unbuffered", 1)[1].splitlines()[0]
+    else:
+        script = tmp_path / "train.sh"
+        script.write_text(
+            render_train_script(config, hardware_spec(load_config(config)), log_dir=str(tmp_path))
+        )
+        job_id = sbatch(str(script))
+        log = tmp_path / f"dies-{job_id}.out"  # (the job is named after its config)
+    os.kill(rank_pid(job_id, 1), 9)
+    killed = time.monotonic()
+    state = wait_job(job_id, 120, log)
+    assert state == "FAILED", f"job {job_id} ended {state}\n{tail(log)}"
+    assert time.monotonic() - killed < 60, f"the job outlived its dead rank by a minute\n{tail(log)}"
 
 
 def test_train_job_ranks_run_inside_the_image_and_requeue(cluster, dr5_catalog, tmp_path):

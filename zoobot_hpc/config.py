@@ -31,6 +31,7 @@ NUMBER_RANGES = {  # float settings: what the optimizer and the head accept
     "learning_rate": (lambda v: v > 0, "> 0, e.g. 0.001"),
     "weight_decay": (lambda v: v >= 0, ">= 0, e.g. 0.05"),
     "dropout_rate": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.2"),
+    "hang_report_after": (lambda v: v >= 0, ">= 0 seconds (0: never)"),
 }
 EXAMPLES = {"save_dir": "outputs/run1", "schema": "gz_decals_dr5"}  # for the required keys
 

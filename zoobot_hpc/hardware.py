@@ -32,6 +32,10 @@ ACCELERATORS = ("auto", "cpu", "gpu")
 CONTAINER_RUNTIMES = ("apptainer", "charliecloud")  # a .sif file; an image directory run by ch-run
 # ch-run as Apptainer behaves: the image's ENV on top of the host's (SLURM_* pass), $HOME bound
 CHRUN_OPTIONS = "--home --set-env --unset-env=PYTHONPATH"
+# srun for the ranks, in the job scripts and submitit jobs alike: a rank that dies (OOM-killed, say)
+# ends the whole step at once, instead of leaving the others waiting in their next collective until
+# the process group's timeout (30 min) while the allocation burns.
+SRUN_RANK_OPTIONS = ("--kill-on-bad-exit=1",)
 REQUEUE_SIGNAL = "USR1"  # what StopOnSignal listens for inside Slurm jobs
 # Rank 0 asks for the requeue by writing this file; the batch shell runs `scontrol requeue` after srun,
 # on the host (ranks in a container have no Slurm client). Rank 0 runs on the batch node, and
@@ -255,8 +259,11 @@ class HardwareSpec:
         }
         if self.resolved_accelerator == "gpu":
             params["gpus_per_node"] = self.gpus
+        params["slurm_srun_args"] = list(SRUN_RANK_OPTIONS)
         params["slurm_setup"] = list(REQUEUE_SETUP)
-        params["slurm_teardown"] = list(REQUEUE_TEARDOWN)
+        # the batch shell exits with srun's status, not the teardown's last command's: a job whose rank
+        # failed ends FAILED in sacct, as the job scripts' do
+        params["slurm_teardown"] = ["ranks_status=$?", *REQUEUE_TEARDOWN, 'exit "$ranks_status"']
         additional: dict[str, Any] = {
             "signal": f"{REQUEUE_SIGNAL}@{self.signal_lead_s}",
             "requeue": True,

@@ -17,7 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from zoobot_hpc.errors import InputError
-from zoobot_hpc.hardware import CHRUN_OPTIONS, REQUEUE_SETUP, REQUEUE_TEARDOWN, HardwareSpec
+from zoobot_hpc.hardware import (
+    CHRUN_OPTIONS,
+    REQUEUE_SETUP,
+    REQUEUE_TEARDOWN,
+    SRUN_RANK_OPTIONS,
+    HardwareSpec,
+)
 
 # Variables of the parent job that must not reach a job submitted from inside it: srun in the child
 # would read e.g. SLURM_NTASKS / SLURM_CPUS_PER_TASK of the parent and launch the wrong step.
@@ -64,6 +70,7 @@ SHELL_CODE_PLACEHOLDERS = ("SBATCH", "ENV", "FIND_SPEC", "REQUEUE_SETUP", "REQUE
 
 def _fill(template: str, **values: str) -> str:
     template = template.replace("@PYTHON_SETUP@", PYTHON_SETUP)
+    template = template.replace("@SRUN_RANK_OPTIONS@", " ".join(SRUN_RANK_OPTIONS))
     for key, value in values.items():
         if key not in SHELL_CODE_PLACEHOLDERS and re.search(r'["$`\\\n]', value):
             raise InputError(
@@ -151,7 +158,7 @@ fi
 # the requeue runs here, on the host: the ranks may be in a container, without a Slurm client.
 @REQUEUE_SETUP@
 status=0
-srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \
+srun @SRUN_RANK_OPTIONS@ --cpus-per-task="$SLURM_CPUS_PER_TASK" \
   "${python[@]}" -m zoobot_hpc train "${args[@]}" || status=$?
 @REQUEUE_TEARDOWN@
 exit "$status"
@@ -273,7 +280,7 @@ if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
   exit 2
 fi
 
-srun --kill-on-bad-exit=1 --ntasks=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \
+srun @SRUN_RANK_OPTIONS@ --ntasks=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \
   "${python[@]}" -m zoobot_hpc predict "$CHECKPOINT" "$IMAGES" "$PREDICTIONS" --no-progress \
   --n-samples "$N_SAMPLES" --gpus "$GPUS" --num-workers "$NUM_WORKERS" \
   --num-shards "$SHARDS" --shard-index "$SLURM_ARRAY_TASK_ID"

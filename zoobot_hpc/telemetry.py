@@ -1,5 +1,5 @@
-"""Throughput telemetry users can act on: images/s per rank, the share of time spent waiting for data,
-and a warning that names the cause and the cure when training is loader-bound.
+"""Telemetry users can act on: images/s per rank, the share of time spent waiting for data, a warning
+that names the cause and the cure when training is loader-bound, and where a stuck rank is stuck.
 
 The wait is the time from the end of one training step to the start of the next: fetching the
 batch from the DataLoader workers, moving it to the device and augmenting it there (milliseconds on
@@ -9,12 +9,14 @@ common way Zoobot-style training wastes GPU hours.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pytorch_lightning as pl
@@ -96,3 +98,50 @@ class ThroughputMonitor(pl.Callback):
             f"training is loader-bound: {fraction:.0%} of each step is spent waiting for images "
             f"({images_per_s:.0f} images/s on this rank). To fix: " + "; ".join(cures)
         )
+
+
+class HangReport(pl.Callback):
+    """Writes every thread's Python stack to the rank's log (stderr) when no batch has finished for
+    about `after_s` seconds (90-100% of it), and again every `after_s` while none does.
+
+    A DDP run that hangs (a rank stuck in a collective the others never reach, a wedged file read)
+    otherwise shows nothing until the process group's timeout kills it; with each rank's stacks in
+    its log, the hang points at its cause. Python's faulthandler dumps from its own C thread, so it
+    works even if the stuck thread holds the GIL. Re-arming starts a thread (~70 us), so a finished
+    batch re-arms only once a tenth of `after_s` has passed since the last time.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self.armed_at: float | None = None
+
+    def _arm(self, *args: Any) -> None:
+        stream = _file_backed_stderr()
+        if self.after_s > 0 and stream is not None:
+            faulthandler.dump_traceback_later(self.after_s, repeat=True, file=stream)
+            self.armed_at = time.monotonic()
+
+    def _progress(self, *args: Any) -> None:
+        if self.armed_at is not None and time.monotonic() - self.armed_at > self.after_s / 10:
+            self._arm()
+
+    def _disarm(self, *args: Any) -> None:
+        if self.armed_at is not None:
+            faulthandler.cancel_dump_traceback_later()
+            self.armed_at = None
+
+    on_fit_start = on_test_start = _arm
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = _progress
+    on_fit_end = on_test_end = on_exception = _disarm
+
+
+def _file_backed_stderr() -> TextIO | None:
+    """stderr, or else the process's own: faulthandler writes to a file descriptor, which a notebook's
+    or a test runner's replacement `sys.stderr` does not have."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            stream.fileno()
+            return stream
+        except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is both of the last)
+            continue
+    return None

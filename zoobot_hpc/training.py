@@ -44,7 +44,7 @@ from zoobot_hpc.interruptions import EarlyStoppingThatResumes, StopOnSignal, sig
 from zoobot_hpc.models import ENCODERS, ModelError
 from zoobot_hpc.report import report_after_training
 from zoobot_hpc.schema import Schema, load_schema
-from zoobot_hpc.telemetry import ThroughputMonitor
+from zoobot_hpc.telemetry import HangReport, ThroughputMonitor
 
 log = logging.getLogger(__name__)
 # the model, not the data module, owns the transforms (checkpoints must carry them): that is intended
@@ -111,6 +111,7 @@ def train(
     on_bad_image: str = "error",
     on_nonfinite_loss: str = "error",
     loader_timeout: float = 600.0,
+    hang_report_after: float = 900.0,
     logger: Logger | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
 ) -> tuple[GalaxyZooModel, pl.Trainer]:
@@ -126,7 +127,9 @@ def train(
     train() sets itself (`max_epochs`, `callbacks`, ...) are refused, naming the argument to use.
     `on_bad_image='skip'` trains without unreadable images (listed in `skipped_images.txt`) instead
     of stopping at the first; `on_nonfinite_loss='skip'` skips (and counts) a step whose loss is
-    NaN/inf instead of stopping. `loader_timeout` (s) stops a run whose image reads hang.
+    NaN/inf instead of stopping. `loader_timeout` (s) stops a run whose image reads hang;
+    after `hang_report_after` (s) without a finished batch, every rank writes its Python stacks to
+    its log (0: never), to show where a hung run is stuck.
     `grey` is how images become grey with `color=False`: `'luma'`, the JPEG's own luma channel
     (fastest), or `'mean'`, Zoobot's mean of R, G and B (see `zoobot_hpc.data.GREY_MODES`).
     """
@@ -227,6 +230,7 @@ def train(
                 splits.train["file_loc"].array,
                 grey_from_rgb=not color and grey == "mean",
             ),
+            HangReport(hang_report_after),
         ],
         logger=_loggers(save_dir, logger, wandb_logger),
         plugins=plugins,
