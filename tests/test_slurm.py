@@ -371,10 +371,11 @@ def rank_pid(job_id: str, rank: int, timeout: float = 120) -> int:
         listing = subprocess.run(
             ["scontrol", "listpids", job_id, node.group(1)], capture_output=True, text=True
         ).stdout
-        # PID JOBID STEPID LOCALID GLOBALID; a rank's own children (loader workers) have GLOBALID "-"
+        # PID JOBID STEPID LOCALID GLOBALID; a rank's own children (loader workers) have GLOBALID "-".
+        # A task being launched is listed with PID -1: os.kill(-1, SIGKILL) would kill every process
         for line in listing.splitlines()[1:]:
             pid, _, step, _, global_rank = line.split()
-            if step == "0" and global_rank == str(rank):
+            if step == "0" and global_rank == str(rank) and int(pid) > 1:
                 return int(pid)
         assert job_state(job_id) not in TERMINAL, f"job {job_id} ended before rank {rank} started"
         time.sleep(0.1)
