@@ -88,6 +88,19 @@ def sbatch(*args: str, env: dict[str, str] | None = None) -> str:
     return result.stdout.strip().split(";")[0]
 
 
+def sbatch_rendered(config: Path, env: dict[str, str] | None = None) -> str:
+    """Render the train job script of `config` beside it and submit it; the job id. The job is named
+    after the config, and its log is `{config.stem}-{job_id}.out` in the same folder."""
+    from zoobot_hpc.config import hardware_spec, load_config
+    from zoobot_hpc.slurm import render_train_script
+
+    script = config.with_suffix(".sh")
+    script.write_text(
+        render_train_script(config, hardware_spec(load_config(config)), log_dir=str(config.parent))
+    )
+    return sbatch(str(script), env=env)
+
+
 def job_state(job_id: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
     match = re.search(r"JobState=(\S+)", out.stdout)
@@ -114,6 +127,10 @@ def tail(log: Path | None, lines: int = 60) -> str:
     if log is None or not log.exists():
         return f"(no log at {log})"
     return f"--- {log.name} tail\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def tails(logs: list[Path]) -> str:
+    return "\n".join(tail(log, 150) for log in logs)
 
 
 def submitit_logs(job) -> list[Path]:
@@ -276,10 +293,9 @@ def wait_for_first_checkpoint(job_id: str, save_dir: Path, logs: list[Path]) -> 
     """last.ckpt once epoch 0 is saved; the job's logs (hang reports included) if it never comes."""
     last = save_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 180
-    while not last.exists():
-        logs_text = "\n".join(tail(log, 150) for log in logs)
-        assert time.monotonic() < deadline, f"no last.ckpt after 180 s\n{logs_text}"
-        assert job_state(job_id) not in TERMINAL, logs_text
+    while not last.exists():  # (an assert's message is only built when it fails)
+        assert time.monotonic() < deadline, f"no last.ckpt after 180 s\n{tails(logs)}"
+        assert job_state(job_id) not in TERMINAL, tails(logs)
         time.sleep(0.2)
     return last
 
@@ -334,13 +350,8 @@ def test_requeue_resumes_from_last_checkpoint(cluster, dr5_catalog, tmp_path, in
     """Requeue mid-training, by an admin (`scontrol requeue`, as on preemption: SIGTERM) or by the
     USR1 that Slurm sends before the time limit: both ranks save last.ckpt at the same step, the job
     is requeued, and the rerun continues from that step and finishes the requested epochs."""
-    from zoobot_hpc.config import hardware_spec, load_config
-    from zoobot_hpc.slurm import render_train_script
-
     config = requeue_config(tmp_path / "requeue.yaml", tmp_path / "run", dr5_catalog)
-    script = tmp_path / "requeue.sh"
-    script.write_text(render_train_script(config, hardware_spec(load_config(config)), log_dir=str(tmp_path)))
-    job_id = sbatch(str(script))
+    job_id = sbatch_rendered(config)
     interrupt_and_check_resume(job_id, tmp_path / f"requeue-{job_id}.out", tmp_path / "run", interrupt)
 
 
@@ -389,8 +400,6 @@ def test_a_rank_that_dies_ends_the_job_at_once(cluster, dr5_catalog, tmp_path, l
     30-minute timeout. srun --kill-on-bad-exit ends the step instead, and the job ends FAILED in
     seconds. (Mid-training, gloo notices the closed connection itself; NCCL need not.)"""
     from zoobot_hpc import launch
-    from zoobot_hpc.config import hardware_spec, load_config
-    from zoobot_hpc.slurm import render_train_script
 
     config = requeue_config(tmp_path / "dies.yaml", tmp_path / "run", dr5_catalog)
     if launcher == "submitit":
@@ -399,12 +408,8 @@ def test_a_rank_that_dies_ends_the_job_at_once(cluster, dr5_catalog, tmp_path, l
         assert "srun --unbuffered" in (submission := Path(job.paths.submission_file).read_text())
         assert "--kill-on-bad-exit=1" in submission.split("srun --unbuffered", 1)[1].splitlines()[0]
     else:
-        script = tmp_path / "train.sh"
-        script.write_text(
-            render_train_script(config, hardware_spec(load_config(config)), log_dir=str(tmp_path))
-        )
-        job_id = sbatch(str(script))
-        log = tmp_path / f"dies-{job_id}.out"  # (the job is named after its config)
+        job_id = sbatch_rendered(config)
+        log = tmp_path / f"dies-{job_id}.out"
     os.kill(rank_pid(job_id, 1), 9)
     killed = time.monotonic()
     state = wait_job(job_id, 120, log)
@@ -433,14 +438,9 @@ def test_train_job_ranks_run_inside_the_image_and_requeue(cluster, dr5_catalog, 
     catalog.to_csv(tmp_path / "catalog.csv", index=False)
     in_image = f"  container: {image}\n  container_runtime: charliecloud\n"
     config = requeue_config(tmp_path / "in_image.yaml", tmp_path / "run", tmp_path / "catalog.csv", in_image)
-    from zoobot_hpc.config import hardware_spec, load_config
-    from zoobot_hpc.slurm import render_train_script
-
-    script = tmp_path / "in_image.sh"
-    script.write_text(render_train_script(config, hardware_spec(load_config(config)), log_dir=str(tmp_path)))
     job_env_outside = job_env()
     job_env_outside.pop("ZOOBOT_PYTHON")  # the image's Python, not this one
-    job_id = sbatch(str(script), env=job_env_outside)
+    job_id = sbatch_rendered(config, env=job_env_outside)
     text = interrupt_and_check_resume(
         job_id, tmp_path / f"in_image-{job_id}.out", tmp_path / "run", "usr1-signal"
     )
@@ -458,13 +458,8 @@ def test_fake_gpu_without_cuda_fails_fast(cluster, dr5_catalog, tmp_path):
         f"save_dir: {tmp_path / 'run'}\nschema: gz_decals_dr5\ncatalog: {dr5_catalog}\ngpus: 1\n"
         "num_workers: 0\nslurm:\n  time: '10:00'\n  mem: 2G\n"
     )
-    from zoobot_hpc.config import hardware_spec, load_config
-    from zoobot_hpc.slurm import render_train_script
-
-    script = tmp_path / "gpu.sh"
-    script.write_text(render_train_script(config, hardware_spec(load_config(config)), log_dir=str(tmp_path)))
     start = time.monotonic()
-    job_id = sbatch(str(script))
+    job_id = sbatch_rendered(config)
     log = tmp_path / f"gpu-{job_id}.out"
     state = wait_job(job_id, 120, log)
     text = log.read_text()
