@@ -1,9 +1,9 @@
 """CPU training step, EfficientNet-B0 at 224, grey, batch 16, DR5 schema: ours vs Zoobot's ZoobotTree.
 
 Step = forward + loss (sum over questions, batch mean) + backward + AdamW step, on the same
-preprocessed real galaxies and simulated DR5 votes. Ours with channels_last off and on; the peer
-(timm EfficientNet-B0 + Zoobot's per-question loss) in its venv, as Zoobot builds it (contiguous).
-Target: ours >= 1.0x the peer.
+preprocessed real galaxies and simulated DR5 votes. Ours with channels_last on (what
+`train(channels_last="auto")` picks on the CPU) and off; the peer (timm EfficientNet-B0 + Zoobot's
+per-question loss) in its venv, as Zoobot builds it (contiguous). Target: ours >= 1.0x the peer.
 """
 
 from __future__ import annotations
@@ -74,18 +74,17 @@ def main() -> None:
     )
     for key, label in (
         ("ours", "ours, channels_last off"),
-        ("ours_cl", "ours, channels_last on"),
+        ("ours_cl", "ours, channels_last on (default)"),
         ("peer", f"peer ZoobotTree (zoobot {peer.ready['zoobot']})"),
     ):
         print(
             f"{label:34s} {rate[key]:6.1f} img/s  {median(times[key]):.3f} s/step "
             f"{spread([args.batch / t for t in times[key]])}"
         )
-    best = max(rate["ours"], rate["ours_cl"])
+    default = rate["ours_cl"] / rate["peer"]  # train(channels_last="auto") is on for the CPU
     print(
-        f"RATIOS train step: ours/peer {rate['ours'] / rate['peer']:.2f}x (channels_last off), "
-        f"{rate['ours_cl'] / rate['peer']:.2f}x (on) "
-        f"(target >=1.0: {'met' if best >= rate['peer'] else 'NOT met'})"
+        f"RATIOS train step: ours/peer {default:.2f}x (channels_last on, train()'s default on the CPU), "
+        f"{rate['ours'] / rate['peer']:.2f}x (off) (target >=1.0: {'met' if default >= 1 else 'NOT met'})"
     )
 
 

@@ -115,6 +115,25 @@ def test_unknown_container_runtime_is_refused():
         HardwareSpec(container="x", container_runtime="docker")
 
 
+@pytest.mark.parametrize(
+    ("spec", "channels_last"),
+    [
+        (HardwareSpec(gpus=0), True),  # the CPU: oneDNN works in NHWC
+        (HardwareSpec(gpus=2, accelerator="cpu"), True),
+        (HardwareSpec(gpus=2), False),  # full-precision GPU training stays contiguous
+        (HardwareSpec(gpus=2, mixed_precision=True), True),  # tensor cores under AMP
+    ],
+)
+def test_channels_last_auto_follows_the_hardware(spec, channels_last):
+    assert spec.channels_last("auto") is channels_last
+    assert spec.channels_last(True) is True and spec.channels_last(False) is False
+
+
+def test_channels_last_must_be_true_false_or_auto():
+    with pytest.raises(HardwareError, match="channels_last='yes please': use true, false or auto"):
+        HardwareSpec(gpus=0).channels_last("yes please")
+
+
 def test_predict_array_script():
     script = render_predict_array(HardwareSpec(gpus=1, num_workers=2), num_shards=5, log_dir="L")
     assert "#SBATCH --ntasks=1" in script and "ntasks-per-node" not in script

@@ -60,8 +60,14 @@ def test_checkpoint_alone_is_enough_to_reload(tiny_run):
     assert hparams["model_architecture"] == "efficientnet" and hparams["channels"] == 1
     assert hparams["resize_size"] == 32 and tuple(hparams["crop_scale_bounds"]) == (0.7, 0.8)
     assert hparams["package_version"]
+    assert hparams["channels_last"] is True  # channels_last="auto" on the CPU
     model = GalaxyZooModel.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
     assert model.schema.label_cols[0] == "smooth-or-featured_smooth"
+    stem = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    outputs = []
+    stem.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    model.encode(torch.rand(2, 1, 32, 32))
+    assert outputs[0].is_contiguous(memory_format=torch.channels_last) and not outputs[0].is_contiguous()
 
 
 def test_resolved_config_reruns_and_logs_exist(tiny_run):

@@ -106,7 +106,7 @@ def train(
     split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
     accelerator: str = "auto",
     resume: bool | str = "auto",
-    channels_last: bool = False,
+    channels_last: bool | str = "auto",
     grey: str = DEFAULT_GREY,
     on_bad_image: str = "error",
     on_nonfinite_loss: str = "error",
@@ -130,6 +130,8 @@ def train(
     NaN/inf instead of stopping. `loader_timeout` (s) stops a run whose image reads hang;
     after `hang_report_after` (s) without a finished batch, every rank writes its Python stacks to
     its log (0: never), to show where a hung run is stuck.
+    `channels_last='auto'` picks the encoder's memory format for the hardware
+    (`HardwareSpec.channels_last`); `True`/`False` force it.
     `grey` is how images become grey with `color=False`: `'luma'`, the JPEG's own luma channel
     (fastest), or `'mean'`, Zoobot's mean of R, G and B (see `zoobot_hpc.data.GREY_MODES`).
     """
@@ -159,6 +161,7 @@ def train(
     hardware.check_launch()  # in a Slurm job: refuse a launch or allocation that cannot work, before
     hardware.check_job()  # any catalog is read or model built (no-ops outside Slurm)
     hardware.check_machine()  # outside Slurm: the GPUs this machine shows, loader workers vs CPUs
+    channels_last = hardware.channels_last(channels_last)
     schema = load_schema(schema)
     save_dir = _prepare_save_dir(save_dir)
     ckpt_path = resolve_resume(resume, save_dir)
