@@ -137,24 +137,38 @@ def test_hanging_image_read_stops_the_run_with_a_clear_message(tmp_path, demo_co
     assert "_try_get_data" in report, before_the_stop[-3000:]
 
 
-RAISE_WHILE_LOADING = """
-import sys
+LOADING_SCRIPT = """
+import sys, torch
 from zoobot_hpc.data import GalaxyDataset, LoaderSettings
-dataset = GalaxyDataset(sys.argv[1:], None, color=False, size=(64, 64))
+torch.set_num_threads(int(sys.argv[1]))  # 2: the workers start threads before worker_init_fn runs
+dataset = GalaxyDataset(sys.argv[3:], None, color=False, size=(64, 64))
 loader = LoaderSettings(batch_size=2, num_workers=2, prefetch_factor=2).loader(dataset)
-for batch in loader:
-    raise RuntimeError("an error while the loader workers run")
+for epoch in range(2):
+    for batch in loader:
+        if sys.argv[2] == "raise":
+            raise RuntimeError("an error while the loader workers run")
+print("loaded")
 """
 
 
-def test_an_uncaught_error_with_loader_workers_running_ends_the_process(demo_frame):
-    """The workers ignore the job's SIGTERM, but not the one Python's exit sends them (after an uncaught
-    error, with the loader still referenced): the process ends instead of waiting for them forever."""
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("ending", ["raise", "return"])
+def test_a_process_with_loader_workers_running_ends(demo_frame, threads, ending):
+    """The workers ignore the job's SIGTERM, but not the one Python's exit sends them (the loader still
+    referenced: its persistent workers alive, after an uncaught error or a normal end): the process
+    ends instead of waiting for them forever. With `torch.set_num_threads(2)` before the loader it
+    waited, every time, until the workers were forked with SIGTERM blocked."""
     paths = list(demo_frame["file_loc"].iloc[:20])
     result = subprocess.run(
-        [sys.executable, "-c", RAISE_WHILE_LOADING, *paths], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", LOADING_SCRIPT, str(threads), ending, *paths],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert result.returncode == 1 and "an error while the loader workers run" in result.stderr, result.stderr
+    if ending == "raise":
+        assert result.returncode == 1 and "an error while the loader workers run" in result.stderr
+    else:
+        assert result.returncode == 0 and result.stdout == "loaded\n", result.stderr
 
 
 # -- non-finite losses -------------------------------------------------------------------------------

@@ -297,6 +297,7 @@ class LoaderSettings:
             worker_init_fn=partial(leave_job_signals_to_the_main_process, main_pid=os.getpid())
             if workers
             else None,
+            multiprocessing_context=_worker_context() if workers else None,
             collate_fn=collate_galaxies,
         )
 
@@ -321,6 +322,31 @@ def _exit_on_sigterm_from(main_pid: int) -> None:
     while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
         pass
     os._exit(0)
+
+
+class _WorkerProcess(multiprocessing.context.ForkProcess):
+    """A loader worker forked with SIGTERM blocked, so that every thread it ever has blocks it and
+    only `_exit_on_sigterm_from` receives it. A thread that did not block it would take the signal
+    and drop it (ignored): threads the worker starts before `worker_init_fn` runs (after
+    `torch.set_num_threads(2)` in the main process, for one) did, the main process's SIGTERM at exit
+    was lost, and Python's exit waited for the worker forever."""
+
+    def start(self) -> None:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+class _WorkerContext(multiprocessing.context.ForkContext):
+    Process = _WorkerProcess
+
+
+def _worker_context() -> multiprocessing.context.BaseContext | None:
+    """Forked workers (Linux's default start method) as `_WorkerProcess`; the default context where
+    workers are not forked (macOS and Windows spawn them)."""
+    return _WorkerContext() if multiprocessing.get_start_method() == "fork" else None
 
 
 @contextlib.contextmanager
