@@ -125,18 +125,19 @@ class _DirichletMultinomialNLL(torch.autograd.Function):
         # the halves gives them all: lgamma(a_i) - lgamma(k_i + a_i) of the answers given, then
         # lgamma(n + A) - lgamma(A) of the questions (backward does the same with digamma)
         arguments = torch.cat([k + alpha_k, alpha_total, alpha_k, n + alpha_total])
-        half = len(arguments) // 2
+        half, given = len(arguments) // 2, len(k)  # each half: the answers given, then the questions
         gamma = _StirlingGamma(arguments) if layout.on_cpu else _TorchGamma(arguments)
         log_gamma = gamma.lgamma()
         terms = log_gamma[half:] - log_gamma[:half]
         whole = layout.on_cpu and not votes.is_floating_point()
         log_factorial_k, log_factorial_n = loss.log_factorials(counts, k, n, whole)
-        ctx.gamma, ctx.layout, ctx.dtype, ctx.mean = gamma, layout, concentrations.dtype, mean
+        ctx.gamma, ctx.given = gamma, given
+        ctx.layout, ctx.dtype, ctx.mean = layout, concentrations.dtype, mean
         out_dtype = torch.float64 if concentrations.dtype == torch.float64 else torch.float32
         if mean:  # the batch's sum: no per-question sums needed
             total = terms.sum() + (log_factorial_k.sum() - log_factorial_n.sum())
             return (total / len(votes)).to(out_dtype)
-        given = len(k)  # each question's own terms, with its answers' terms summed into them
+        # each question's own terms, with its answers' terms summed into them
         nll = layout.add_to_questions(terms[given:] - log_factorial_n, terms[:given] + log_factorial_k)
         return nll.view(layout.question_shape).to(out_dtype)
 
@@ -146,8 +147,7 @@ class _DirichletMultinomialNLL(torch.autograd.Function):
         digammas = ctx.gamma.digamma()
         half = len(digammas) // 2
         gradients = digammas[half:] - digammas[:half]
-        given = half - layout.question_shape[0] * layout.question_shape[1]
-        picked, per_question = gradients[:given], gradients[given:]
+        picked, per_question = gradients[: ctx.given], gradients[ctx.given :]
         if ctx.mean:  # the same upstream gradient for every question: scale once, at the end
             d_answers = layout.add_to_answers(layout.per_answer(per_question), picked)
             scale = grad_output.to(digammas.dtype) / layout.answer_shape[0]
