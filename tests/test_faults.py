@@ -166,7 +166,9 @@ def test_a_process_with_loader_workers_running_ends(demo_frame, threads, ending)
         timeout=60,
     )
     if ending == "raise":
-        assert result.returncode == 1 and "an error while the loader workers run" in result.stderr
+        assert result.returncode == 1 and "an error while the loader workers run" in result.stderr, (
+            result.stderr
+        )
     else:
         assert result.returncode == 0 and result.stdout == "loaded\n", result.stderr
 
