@@ -3,7 +3,8 @@
 Files: ../shared/data/decals_rings (370 JPEGs, 424 px). Batch 64, 2 workers, grey, 224 px output,
 train loaders (shuffle, drop_last), several epochs per repetition, repetitions interleaved.
 
-- ours (package defaults): `GalaxyDataset` + `LoaderSettings.loader` -> uint8 (64, 1, 424, 424) batches;
+- ours (package defaults): `GalaxyDataset` + `LoaderSettings.loader`, as the training loader (batch
+  buffers kept between epochs) -> uint8 (64, 1, 424, 424) batches in the loader's batch buffers;
   grey is the JPEG's own luma channel (`decode_jpeg(..., mode=GRAY)`, 0.299 R + 0.587 G + 0.114 B).
   Augmentation runs after the transfer, on the model's device, so it is timed on its own:
   `GalaxyAugment(224)(batch, train=True)`.
@@ -112,13 +113,15 @@ def main() -> None:
     limits = decode_limits(paths, rounds=2)
     set_threads(2)
 
+    # as the training loader: shuffled, last partial batch dropped, batch buffers kept between epochs
     ours_pkg = settings.loader(
         GalaxyDataset.from_catalog(catalog, schema.label_cols, color=False, size=(424, 424)),
         shuffle=True,
         drop_last=True,
+        keep_buffers=True,
     )
     mean = GalaxyDataset.from_catalog(catalog, schema.label_cols, color=False, size=(424, 424), grey="mean")
-    ours_mean = settings.loader(mean, shuffle=True, drop_last=True)
+    ours_mean = settings.loader(mean, shuffle=True, drop_last=True, keep_buffers=True)
     peer = Peer(
         "peer_loader.py",
         {

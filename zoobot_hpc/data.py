@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import resize
 
+from zoobot_hpc import batch_buffers
 from zoobot_hpc.catalog import arrow_strings
 from zoobot_hpc.errors import InputError, RunError
 from zoobot_hpc.interruptions import seed_batch
@@ -182,7 +183,12 @@ class GalaxyDataset(Dataset):
         self.color = color
         self.size = size
         self.grey = grey
-        self.blank = torch.zeros((3 if color else 1, *size), dtype=torch.uint8)
+        self.blank = torch.zeros(self.image_shape, dtype=torch.uint8)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of every image this dataset returns."""
+        return (3 if self.color else 1, *self.size)
 
     @classmethod
     def from_catalog(
@@ -211,16 +217,19 @@ class GalaxyDataset(Dataset):
         return item
 
 
-def collate_galaxies(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """One batch of `GalaxyDataset` items: images stacked into a tensor, small fields as numpy arrays.
+def collate_galaxies(
+    items: list[dict[str, Any]], stack: Callable[[list[torch.Tensor]], Any] = default_collate
+) -> dict[str, Any]:
+    """One batch of `GalaxyDataset` items: images stacked by `stack`, small fields as numpy arrays.
 
     Each tensor a loader worker returns crosses to the main process as its own shared-memory file,
     with a file-descriptor handshake that costs both processes about a millisecond; the index, ok
     flags and votes (a few hundred bytes) cross inside the pickled batch instead: 10-20% more images/s
-    from two workers. `GalaxyLoader` makes them tensors again.
+    from two workers. `GalaxyLoader` makes them tensors again. The images go into the loader's batch
+    buffers (`zoobot_hpc.batch_buffers`) where it has them.
     """
     batch = {
-        "image": default_collate([item["image"] for item in items]),
+        "image": stack([item["image"] for item in items]),
         "index": np.array([item["index"] for item in items], dtype=np.int64),
         "ok": np.array([item["ok"] for item in items], dtype=bool),
         "error": [item["error"] for item in items],
@@ -231,11 +240,28 @@ def collate_galaxies(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class GalaxyLoader(DataLoader):
-    """A DataLoader whose batches' numpy arrays (see `collate_galaxies`) become tensors on arrival."""
+    """A DataLoader whose batches' numpy arrays (see `collate_galaxies`) become tensors on arrival.
+
+    With `buffers`, the workers' images arrive in them; unless `keep_buffers` (the training loader,
+    iterated again at once), their memory is given back after each pass.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        buffers: batch_buffers.BatchBuffers | None = None,
+        keep_buffers: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffers = buffers
+        self.keep_buffers = keep_buffers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in super().__iter__():
             yield {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        if self.buffers is not None and not self.keep_buffers:
+            self.buffers.drop_free_pages()  # (the pass is over: no worker has a batch to make)
 
 
 def common_image_size(file_locs: Sequence[str], fallback: int | None = None) -> tuple[int, int]:
@@ -280,9 +306,21 @@ class LoaderSettings:
     timeout_s: float = 600.0
 
     def loader(
-        self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, sampler: Any = None
+        self,
+        dataset: GalaxyDataset,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        sampler: Any = None,
+        keep_buffers: bool = False,
     ) -> GalaxyLoader:
+        """`keep_buffers`: keep the batch buffers' memory between passes (the training loader)."""
         workers = self.num_workers > 0
+        context = _worker_context() if workers else None
+        buffers = None
+        if context is not None:  # (buffers are inherited by forked workers only)
+            buffers = batch_buffers.for_loader(
+                self.num_workers, self.prefetch_factor, (self.batch_size, *dataset.image_shape)
+            )
         return GalaxyLoader(
             dataset,
             batch_size=self.batch_size,
@@ -297,8 +335,12 @@ class LoaderSettings:
             worker_init_fn=partial(leave_job_signals_to_the_main_process, main_pid=os.getpid())
             if workers
             else None,
-            multiprocessing_context=_worker_context() if workers else None,
-            collate_fn=collate_galaxies,
+            multiprocessing_context=context,
+            collate_fn=collate_galaxies
+            if buffers is None
+            else partial(collate_galaxies, stack=buffers.stack),
+            buffers=buffers,
+            keep_buffers=keep_buffers,
         )
 
 
@@ -426,7 +468,7 @@ class GalaxyDataModule(pl.LightningDataModule):
             seed=self.seed,
         )
         drop_last = len(sampler) > self.loader_settings.batch_size
-        return self.loader_settings.loader(dataset, sampler=sampler, drop_last=drop_last)
+        return self.loader_settings.loader(dataset, sampler=sampler, drop_last=drop_last, keep_buffers=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader_settings.loader(self.datasets["val"], shuffle=False)
