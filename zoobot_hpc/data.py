@@ -1,10 +1,10 @@
 """From catalog rows to uint8 image batches: decoding in DataLoader workers, nothing else.
 
 Workers only read and decode (JPEG and PNG with torchvision's decoders, anything else Pillow reads),
-convert to grey if asked and hand over uint8 tensors; augmentation runs batched on the model's
-device (`zoobot_hpc.augment`). Per-galaxy metadata lives in numpy arrays, not pandas rows or lists
-of Python objects, so forked workers do not copy-on-write the catalog and their memory stays flat
-however many rows it has.
+convert to grey if asked and hand over uint8 batches (in the loader's batch buffers,
+`zoobot_hpc.batch_buffers`); augmentation runs batched on the model's device (`zoobot_hpc.augment`).
+Per-galaxy metadata lives in numpy arrays, not pandas rows or lists of Python objects, so forked
+workers do not copy-on-write the catalog and their memory stays flat however many rows it has.
 """
 
 from __future__ import annotations
@@ -225,8 +225,8 @@ def collate_galaxies(
     Each tensor a loader worker returns crosses to the main process as its own shared-memory file,
     with a file-descriptor handshake that costs both processes about a millisecond; the index, ok
     flags and votes (a few hundred bytes) cross inside the pickled batch instead: 10-20% more images/s
-    from two workers. `GalaxyLoader` makes them tensors again. The images go into the loader's batch
-    buffers (`zoobot_hpc.batch_buffers`) where it has them.
+    from two workers. `GalaxyLoader` makes them tensors again. The images cross in the loader's batch
+    buffers (`stack` is then `BatchBuffers.stack`).
     """
     batch = {
         "image": stack([item["image"] for item in items]),
