@@ -5,6 +5,8 @@ epoch is cut short, and the memory given back after a pass of a loader that does
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,35 @@ def test_a_loader_that_does_not_keep_its_buffers_gives_their_memory_back_after_a
     else:
         assert resident_kb(start) <= 4 + slot_kb  # the flags' page and the slot of the batch last held
     del loader
+
+
+REFUSED_MAPPING = """
+import resource, sys
+import torch
+from zoobot_hpc.data import GalaxyDataset, LoaderSettings
+from zoobot_hpc.demo import demo_catalog
+from zoobot_hpc.catalog import read_catalog
+
+frame = read_catalog(demo_catalog()).iloc[:10]
+dataset = GalaxyDataset.from_catalog(frame, None, color=False, size=(96, 96))
+in_use = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (in_use + 2**31, resource.RLIM_INFINITY))
+# room for 100,000 images per batch: 2 workers x 4 slots x 0.9 GB, beyond the 2 GB of address space left
+loader = LoaderSettings(batch_size=100_000, num_workers=2, prefetch_factor=2).loader(dataset)
+assert loader.buffers is None
+batch = next(iter(loader))
+expected = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+assert torch.equal(batch["image"], expected)
+print("loaded", len(batch["index"]))
+"""
+
+
+def test_a_mapping_the_system_refuses_leaves_the_loader_on_torchs_path(tmp_path):
+    script = tmp_path / "refused.py"
+    script.write_text(REFUSED_MAPPING)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded 10" in result.stdout
+    assert "no batch buffers" in result.stderr and "Cannot allocate memory" in result.stderr

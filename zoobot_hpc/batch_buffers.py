@@ -136,7 +136,10 @@ def _whole_pages(size: int) -> int:
 
 def for_loader(workers: int, prefetch_factor: int, batch_shape: tuple[int, ...]) -> BatchBuffers | None:
     """Buffers for a loader whose workers are forked: room for every batch a worker may have in flight
-    (`prefetch_factor`) and two the consumer is still using; None if the system refuses the mapping."""
+    (`prefetch_factor`) and two the consumer is still using; None if the system refuses the mapping
+    or cannot give its pages back (MADV_REMOVE is Linux's)."""
+    if not hasattr(mmap, "MADV_REMOVE"):
+        return None
     try:
         return BatchBuffers(workers, prefetch_factor + 2, batch_shape)
     except OSError as err:
