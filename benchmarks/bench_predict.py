@@ -1,6 +1,7 @@
 """MC-dropout prediction, n_samples=5, EfficientNet-B0 at 224, grey, on the shared galaxies.
 
-- ours: `GalaxyZooModel.encode` once, then `head(features, dropout=True)` n times.
+- ours: `GalaxyZooModel.encode` once, then `head(features, dropout=True)` n times, with the encoder
+  channels-last as our prediction path runs it on the CPU (`channels_last_suits`).
 - peer: Zoobot's prediction path, n complete forward passes of its own `ZoobotTree` (timm
   EfficientNet-B0, test_time_dropout=True), in the peer venv, on the same preprocessed images.
 - also: n full passes of our model (the peer's algorithm on our network), to separate the algorithm
@@ -18,6 +19,7 @@ from common import WORK, Peer, machine, median, set_threads, spread
 from model_inputs import save_peer_inputs, shared_batch
 
 from zoobot_hpc.galaxy_model import GalaxyZooModel
+from zoobot_hpc.hardware import channels_last_suits
 from zoobot_hpc.schema import load_schema
 
 
@@ -35,6 +37,7 @@ def main() -> None:
     schema = load_schema("gz_decals_dr5")
     raw, _ = shared_batch(args.images)
     model = GalaxyZooModel(schema.to_dict(), "efficientnet", channels=1, resize_size=224).eval()
+    model.use_channels_last(channels_last_suits(on_cpu=True, mixed_precision=False))  # as predict_inputs
     with torch.no_grad():
         images = model.augment(raw, train=False)  # the deterministic eval transform, (B, 1, 224, 224)
     votes = torch.zeros(args.images, len(schema.label_cols), dtype=torch.long)

@@ -30,6 +30,7 @@ from zoobot_hpc.prediction import (
     merge_parts,
     part_name,
     predict,
+    predict_inputs,
     resolve_inputs,
     sample_concentrations,
 )
@@ -181,6 +182,28 @@ def test_encoder_once_equals_full_passes(model, demo_frame):
     assert ((once.mean(dim=1) - full.mean(dim=1)).abs() <= 5 * standard_error).all()
     ratio = std_once / std_full  # sampling error of a std with n=250 is ~4.5%
     assert ((ratio > 0.75) & (ratio < 1.33)).all(), ratio
+
+
+def test_a_model_trained_contiguous_predicts_channels_last_on_the_cpu(tmp_path, checkpoint, demo_frame):
+    """A checkpoint from a full-precision GPU run (contiguous encoder) predicts on the CPU channels-last,
+    which is faster there, with the concentrations the contiguous encoder gives."""
+    content = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    content["hyper_parameters"]["channels_last"] = False
+    contiguous = tmp_path / "contiguous.ckpt"
+    torch.save(content, contiguous)
+    reference, model = load_model(contiguous), load_model(contiguous)
+    assert reference.hparams.channels_last is False
+    paths = list(demo_frame["file_loc"].iloc[:6])
+    inputs = pd.DataFrame({"id_str": [f"g{i}" for i in range(len(paths))], "file_loc": paths})
+    stem = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    layouts = []
+    stem.register_forward_hook(
+        lambda module, args, output: layouts.append(output.is_contiguous(memory_format=torch.channels_last))
+    )
+    samples = predict_inputs(model, inputs, dropout=False, **FAST).samples[:, 0]
+    assert layouts and all(layouts) and not model.encoder.training
+    expected = concentrations_of(reference, paths, grey=reference.hparams.grey)
+    np.testing.assert_allclose(samples, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_dropout_off_is_deterministic(tmp_path, checkpoint, image_folder):

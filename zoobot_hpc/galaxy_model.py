@@ -56,8 +56,14 @@ class GalaxyZooModel(pl.LightningModule):
         self.head = DirichletHead(n_features, len(self.schema.label_cols), dropout_rate)
         self.augment = GalaxyAugment(resize_size, crop_scale_bounds, crop_ratio_bounds)
         self.vote_loss = DirichletMultinomialLoss(self.schema.answer_to_question_matrix)
-        if channels_last:
-            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+        self.use_channels_last(channels_last)
+
+    def use_channels_last(self, channels_last: bool) -> None:
+        """Run the encoder channels-last or contiguous (the same weights, laid out differently):
+        training records its choice, prediction picks the one that suits its own device."""
+        self.hparams.channels_last = channels_last
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.encoder = self.encoder.to(memory_format=layout)
 
     # ------------------------------------------------------------------ forward
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ from zoobot_hpc.data import (
     loader_errors_explained,
 )
 from zoobot_hpc.errors import InputError, check_whole
+from zoobot_hpc.hardware import channels_last_suits
 from zoobot_hpc.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,8 @@ def predict_inputs(
     """Concentration samples of every input row (in memory; `predict` writes them to files)."""
     device = torch.device(device)
     model = model.to(device).eval()
+    # (prediction runs in full precision)
+    model.use_channels_last(channels_last_suits(device.type == "cpu", mixed_precision=False))
     color = model.hparams.channels == 3
     size = common_image_size(inputs["file_loc"].array, fallback=model.hparams.resize_size)
     dataset = GalaxyDataset(inputs["file_loc"], None, color, size, model.hparams.grey)  # as trained
