@@ -391,3 +391,17 @@ def test_submitit_jobs_get_the_job_scripts_environment(monkeypatch):
     finally:
         if not was_enabled:
             faulthandler.disable()
+
+
+def test_a_slurm_time_written_without_quotes_stays_a_time(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads 20:00:00 as the base-60 integer 72000, which Slurm would take
+    as 72000 minutes, and 0123 as the octal 83; configs and --set read both as written."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("save_dir: run\nschema: decals_rings\nslurm:\n  time: 20:00:00\n  account: 0123\n")
+    loaded = load_config(config)
+    assert loaded["slurm"] == {"time": "20:00:00", "account": "0123"}
+    spec = hardware_spec(loaded)
+    assert "--time=20:00:00" in spec.sbatch_directives() and "--account=0123" in spec.sbatch_directives()
+    overridden = load_config(config, ["slurm.time=1:30:00", "epochs=12", "learning_rate=0.5"])
+    assert overridden["slurm"]["time"] == "1:30:00"
+    assert (overridden["epochs"], overridden["learning_rate"]) == (12, 0.5)

@@ -14,6 +14,7 @@ import difflib
 import functools
 import inspect
 import numbers
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -34,10 +35,41 @@ NUMBER_RANGES = {  # float settings: what the optimizer and the head accept
     "hang_report_after": (lambda v: v >= 0, ">= 0 seconds (0: never)"),
 }
 EXAMPLES = {"save_dir": "outputs/run1", "schema": "gz_decals_dr5"}  # for the required keys
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
 class ConfigError(InputError):
     """A configuration file or override is invalid; the message names the key."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 and leading-zero octal numbers (YAML 1.2 has
+    neither): `time: 20:00:00` stays Slurm's 20 hours, where YAML 1.1 reads the integer 72000, which
+    Slurm takes as 72000 minutes; `account: 0123` stays text, not 83."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    _INT_TAG, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0b[01_]+)$"), list("-+0123456789")
+)
+_ConfigLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?
+        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 def train_arguments() -> dict[str, inspect.Parameter]:
@@ -62,7 +94,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set epochs=10")
     key, _, raw = text.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from err
     return key.strip().split("."), value
@@ -79,7 +111,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _read_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if loaded is None:
