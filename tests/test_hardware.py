@@ -405,3 +405,16 @@ def test_a_slurm_time_written_without_quotes_stays_a_time(tmp_path):
     overridden = load_config(config, ["slurm.time=1:30:00", "epochs=12", "learning_rate=0.5"])
     assert overridden["slurm"]["time"] == "1:30:00"
     assert (overridden["epochs"], overridden["learning_rate"]) == (12, 0.5)
+
+
+@pytest.mark.parametrize("setting", ["partition: on", "qos: no", "account: off"])
+def test_a_name_that_yaml_reads_as_a_boolean_is_refused(tmp_path, setting):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"save_dir: run\nschema: decals_rings\nslurm:\n  {setting}\n")
+    name = setting.split(":")[0]
+    with pytest.raises(HardwareError, match=f"{name}=(True|False): a name, not a boolean.*quote it"):
+        hardware_spec(load_config(config))
+    quoted = setting.replace(": ", ": '") + "'"
+    config.write_text(f"save_dir: run\nschema: decals_rings\nslurm:\n  {quoted}\n")
+    value = setting.split(": ")[1]
+    assert f"--{name}={value}" in hardware_spec(load_config(config)).sbatch_directives()

@@ -132,6 +132,12 @@ class HardwareSpec:
             raise HardwareError(
                 f"nodes={self.nodes} with gpus=0: multi-node runs need gpus (ranks per node) >= 1"
             )
+        for name in ("partition", "account", "qos", "constraint", "container"):
+            if isinstance(getattr(self, name), bool):  # YAML 1.1 reads unquoted on/off/yes/no so
+                raise HardwareError(
+                    f"{name}={getattr(self, name)!r}: a name, not a boolean; an unquoted on, off, yes or "
+                    f"no in YAML is one: quote it, e.g. {name}: 'on'"
+                )
         if isinstance(self.extra_sbatch, str):
             raise HardwareError("extra_sbatch must be a list of sbatch options, e.g. ['--exclusive']")
         object.__setattr__(self, "extra_sbatch", tuple(str(line) for line in self.extra_sbatch))
